@@ -1,0 +1,3 @@
+from tweetlm.cli import main
+
+raise SystemExit(main())

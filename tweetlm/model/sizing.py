@@ -1,0 +1,65 @@
+"""Model sizing from one dial, depth, plus parameter and FLOP counts. Pure functions.
+
+depth -> dim = 64 * depth (nanochat's aspect ratio), heads of 64 dims (128 from dim 2048 up, as Llama 3),
+kv heads = heads / 4 where that divides (Llama 3's 4:1 grouping), else / 2, SwiGLU width 8/3 * dim rounded up
+to a multiple of 64 (the parameter count of a 4x GELU MLP, Shazeer 2020). Presets are names for depths, with
+explicit overrides where a well-known shape is the point (the Llama 3.2 1B and Llama 3 8B shapes).
+"""
+
+from tweetlm.model.llama import ModelConfig
+
+ASPECT_RATIO = 64
+
+# name -> (depth, overrides). Parameter counts at vocab 32768 print with `tweetlm model presets`.
+PRESETS: dict[str, tuple[int, dict]] = {
+    "tiny": (2, dict(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=192)),  # ~1M parameters, for tests
+    "small": (4, dict(n_heads=4, n_kv_heads=2)),  # dim 256: the CPU demo
+    "125m": (12, {}),  # dim 768, GPT-2 small class
+    "1b": (16, dict(dim=2048, n_heads=32, n_kv_heads=8, ffn_dim=8192)),  # Llama 3.2 1B shape
+    "8b": (32, dict(dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, tie_embeddings=False, rope_theta=500_000.0)),  # Llama 3 8B shape
+}
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(-(-x // multiple) * multiple)
+
+
+def config_from_depth(depth: int, *, vocab_size: int, max_seq_len: int = 1024, **overrides) -> ModelConfig:
+    """The default shape at this depth; any ModelConfig field can be overridden by keyword."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth = {depth!r}: must be a positive integer")
+    dim = overrides.pop("dim", ASPECT_RATIO * depth)
+    n_heads = overrides.pop("n_heads", dim // (128 if dim >= 2048 else 64) or 1)
+    n_kv_heads = overrides.pop("n_kv_heads", n_heads // 4 if n_heads % 4 == 0 else n_heads // 2 if n_heads % 2 == 0 else n_heads)
+    ffn_dim = overrides.pop("ffn_dim", _round_up(8 * dim / 3, 64))
+    return ModelConfig(vocab_size=vocab_size, depth=depth, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       ffn_dim=ffn_dim, max_seq_len=max_seq_len, **overrides)
+
+
+def preset(name: str, *, vocab_size: int, max_seq_len: int = 1024) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    depth, overrides = PRESETS[name]
+    return config_from_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len, **overrides)
+
+
+def num_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
+    """Exact parameter count of Llama(cfg); embedding=False leaves out the input embedding table
+    (a lookup, no FLOPs), keeping the output head even when tied."""
+    hd = cfg.head_dim
+    attention = cfg.dim * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + (2 * hd if cfg.qk_norm else 0)
+    mlp = 3 * cfg.dim * cfg.ffn_dim
+    block = attention + mlp + 2 * cfg.dim  # + two RMSNorm weights
+    table = cfg.vocab_size * cfg.dim
+    head = 0 if cfg.tie_embeddings else table
+    if not embedding:
+        return cfg.depth * block + cfg.dim + table
+    return table + cfg.depth * block + cfg.dim + head
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token: 6 per matrix parameter (embedding lookup excluded,
+    output head included) plus attention scores and values, 12 * depth * dim * seq_len, as in the PaLM
+    paper's appendix B and nanochat's estimate_flops (causal masking not discounted)."""
+    return 6 * num_params(cfg, embedding=False) + 12 * cfg.depth * cfg.dim * seq_len
+

@@ -113,6 +113,61 @@ def _add_tokenizer(sub):
     p.add_argument("--out", required=True, metavar="TOKENIZER", help="output folder for tokenizer.json")
 
 
+# ---------------------------------------------------------------- model and generation
+
+
+def _model_presets(a):
+    from tweetlm.model.sizing import PRESETS, flops_per_token, num_params, preset
+
+    print(f"{'preset':<8}{'depth':>6}{'dim':>6}{'heads':>6}{'kv':>4}{'ffn':>7}{'params':>16}{'FLOPs/token':>14}"
+          f"   (vocab {a.vocab_size}, seq {a.seq_len}; FLOPs = training, forward + backward)")
+    for name in PRESETS:
+        c = preset(name, vocab_size=a.vocab_size, max_seq_len=a.seq_len)
+        print(f"{name:<8}{c.depth:>6}{c.dim:>6}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>7}{num_params(c):>16,}"
+              f"{flops_per_token(c, a.seq_len):>14.3e}")
+
+
+def _generate(a):
+    from tweetlm.infer.generate import GenerateConfig, generate
+    from tweetlm.train.checkpoint import load_model
+
+    cfg = GenerateConfig(run=Path(a.run), prompt=a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
+                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed,
+                         device=a.device)
+    model, tokenizer = load_model(cfg.run, device=cfg.device)
+    current = None
+    for i, piece in generate(model, tokenizer, cfg):
+        if i != current:  # samples stream one after another when several are asked for
+            print(("\n" if current is not None else "") + (f"[{i + 1}] " if cfg.num_samples > 1 else "") + cfg.prompt, end="")
+            current = i
+        print(piece, end="", flush=True)
+    print()
+
+
+def _add_model(sub):
+    model = sub.add_parser("model", help="model shapes: presets, parameter and FLOP counts", formatter_class=_formatter)
+    msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _verb(msub, "presets", "print each preset's shape, exact parameter count and training FLOPs per token",
+              "tweetlm model presets --vocab-size 32768 --seq-len 2048", _model_presets)
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (default 32768)")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length, for the attention FLOPs (default 1024)")
+
+
+def _add_generate(sub):
+    p = _verb(sub, "generate", "write posts with a trained model, streaming tokens as they come",
+              "tweetlm generate work/demo/run --prompt 'Monday mornings are' --num-samples 3 --seed 1", _generate)
+    p.add_argument("run", metavar="RUN", help="a run folder written by `tweetlm train`")
+    p.add_argument("--prompt", default="", help="text the posts start with (default: none, a fresh post)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many posts (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens per post (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a post at this text (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -126,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_data(sub)
     _add_tokenizer(sub)
+    _add_model(sub)
+    _add_generate(sub)
     return parser
 
 

@@ -37,9 +37,9 @@ def _data_prepare(a):
     from tweetlm.data.prepare import PrepareConfig, prepare
 
     prepare(PrepareConfig(
-        inputs=tuple(a.inputs), out=Path(a.out), workers=a.workers, lang=tuple(a.lang.split(",")) if a.lang else (),
+        inputs=tuple(a.inputs), out=Path(a.out), workers=a.workers, lang=tuple(c.strip() for c in a.lang.split(",") if c.strip()),
         min_chars=a.min_chars, max_chars=a.max_chars, keep_reposts=a.keep_reposts, drop_spam=not a.keep_spam,
-        drop_top_authors=a.drop_top_authors, near_dup_threshold=a.near_dup, val_ratio=a.val_ratio,
+        drop_top_authors=a.drop_top_authors, near_dup_threshold=a.near_dup, near_dup_mb=a.near_dup_mb, val_ratio=a.val_ratio,
         test_ratio=a.test_ratio, mentions=not a.keep_mentions, links=not a.keep_links, seed=a.seed,
     ))
 
@@ -75,6 +75,9 @@ def _add_data(sub):
                    help="drop the most prolific FRACTION of authors as likely bots, e.g. 0.01 as TimeLMs (default 0: off)")
     p.add_argument("--near-dup", type=float, default=0.8, metavar="JACCARD",
                    help="drop near duplicates at this MinHash Jaccard similarity; 0 turns it off (default 0.8)")
+    p.add_argument("--near-dup-mb", type=int, default=128, metavar="MB",
+                   help="fixed memory of the near-duplicate index; copies further apart than about "
+                        "15,000 posts per MB start to be missed (default 128: 1.9M posts)")
     p.add_argument("--val-ratio", type=float, default=0.05, help="share of conversations in val (default 0.05)")
     p.add_argument("--test-ratio", type=float, default=0.05, help="share of conversations in test (default 0.05)")
     p.add_argument("--keep-mentions", action="store_true", help="keep @handles (default: replace with @user)")
@@ -113,6 +116,42 @@ def _add_tokenizer(sub):
     p.add_argument("--out", required=True, metavar="TOKENIZER", help="output folder for tokenizer.json")
 
 
+# ---------------------------------------------------------------- train
+
+
+def _train(a):
+    from tweetlm.train.config import load_config, parse_set
+    from tweetlm.train.loop import train
+
+    # --resume starts from the run's own resolved config; flags and --set override either base
+    base = Path(a.config) if a.config else Path(a.out) / "config.toml" if a.resume else None
+    overrides = {"tokens": a.tokens, "tokenizer": a.tokenizer, "out": a.out, "model.preset": a.preset,
+                 "model.depth": a.depth, "steps": a.steps, "time_budget": a.time_budget, "seed": a.seed,
+                 "device": a.device, "compile": a.compile or None, **parse_set(a.set)}
+    train(load_config(base, overrides), resume=a.resume)
+
+
+def _add_train(sub):
+    p = _verb(sub, "train", "train a model on token shards; writes config, checkpoints, metrics.jsonl, loss.png and samples to RUN",
+              "tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/small --preset small --time-budget 5",
+              _train)
+    p.add_argument("--tokens", metavar="TOKENS", help="token shards from `tweetlm data tokenize`")
+    p.add_argument("--tokenizer", metavar="TOKENIZER", help="the tokenizer the shards were made with")
+    p.add_argument("--out", required=True, metavar="RUN", help="the run folder")
+    p.add_argument("--config", metavar="FILE.toml", help="run config (see configs/); flags below override it")
+    p.add_argument("--preset", help="model shape by name: tiny, small, 125m, 1b, 8b (default tiny)")
+    p.add_argument("--depth", type=int, help="model shape by depth (width and heads follow); replaces --preset")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time; "
+                   "the LR schedule then follows time (with --steps too: whichever ends first)")
+    p.add_argument("--seed", type=int, help="seed of weights, data order and samples (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when there is one")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint, with its config.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set optim.lr=0.01 --set model.seq_len=128 (repeatable)")
+
+
 # ---------------------------------------------------------------- model and generation
 
 
@@ -131,7 +170,7 @@ def _generate(a):
     from tweetlm.infer.generate import GenerateConfig, generate
     from tweetlm.train.checkpoint import load_model
 
-    cfg = GenerateConfig(run=Path(a.run), prompt=a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
+    cfg = GenerateConfig(run=Path(a.run_dir), prompt=a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed,
                          device=a.device)
     model, tokenizer = load_model(cfg.run, device=cfg.device)
@@ -156,7 +195,7 @@ def _add_model(sub):
 def _add_generate(sub):
     p = _verb(sub, "generate", "write posts with a trained model, streaming tokens as they come",
               "tweetlm generate work/demo/run --prompt 'Monday mornings are' --num-samples 3 --seed 1", _generate)
-    p.add_argument("run", metavar="RUN", help="a run folder written by `tweetlm train`")
+    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train`")
     p.add_argument("--prompt", default="", help="text the posts start with (default: none, a fresh post)")
     p.add_argument("--num-samples", type=int, default=1, help="how many posts (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens per post (default 64)")
@@ -181,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_data(sub)
     _add_tokenizer(sub)
+    _add_train(sub)
     _add_model(sub)
     _add_generate(sub)
     return parser

@@ -1,0 +1,167 @@
+"""`tweetlm tokenizer train`: byte-level BPE trained on real posts, exact round trip, transformers interop."""
+
+import functools
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer as HFTokenizer
+
+from tweetlm.data.corpus import SPLITS, ShardWriter, iter_texts
+from tweetlm.data.post import POST_FIELDS
+from tweetlm.errors import UserError
+from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer, TokenizerConfig, train_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EMOJI = ["👩\u200d💻", "👍🏽", "🇫🇷", "1\ufe0f\u20e3", "❤\ufe0f", "👨\u200d👩\u200d👧\u200d👦", "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"]
+
+
+# ---------------------------------------------------------------- fixtures (shared with test_data_tokens.py)
+
+
+def _real_posts() -> list[str]:
+    """150 posts from each TweetEval task and XLM-T language (8 languages, several scripts), plus the
+    posts with a ZWJ emoji sequence from TweetEval hate and offensive."""
+    files = sorted(DATA.glob("tweeteval/*/train_text.txt")) + sorted(DATA.glob("xlm-t/*/train_text.txt"))
+    posts = []
+    for f in files:
+        with open(f, encoding="utf-8") as lines:
+            posts += [line.rstrip("\n") for line in itertools.islice(lines, 150)]
+    for task in ("hate", "offensive"):
+        text = (DATA / "tweeteval" / task / "train_text.txt").read_text(encoding="utf-8")
+        posts += [line for line in text.splitlines() if "\u200d" in line]
+    return posts
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A CORPUS folder as `data prepare` writes it: 8 of 10 posts to train, 1 to val, 1 to test."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    (corpus / "report.json").write_text("{}")
+    writers = {split: ShardWriter(corpus, split, rows_per_shard=700) for split in SPLITS}
+    for i, text in enumerate(_real_posts()):
+        split = "val" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
+        row = dict.fromkeys(POST_FIELDS) | {"id": str(i), "text": text, "kind": "post", "source": f"fixture:{i}"}
+        writers[split].write(row | {"clean_text": text})
+    for w in writers.values():
+        w.close()
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
+    """A TOKENIZER folder with a 1000-token vocabulary trained on small_corpus."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(TokenizerConfig(corpus=small_corpus, out=out, vocab_size=1000))
+    return out
+
+
+# ---------------------------------------------------------------- tests
+
+
+def _texts(corpus: Path, split: str) -> list[str]:
+    return [t for batch in iter_texts(corpus, split) for t in batch]
+
+
+def test_round_trip_and_byte_counts_on_real_posts(small_corpus, small_tokenizer):
+    tok = Tokenizer.load(small_tokenizer)
+    sizes = tok.token_bytes()
+    for split in SPLITS:
+        texts = _texts(small_corpus, split)
+        assert texts
+        for text, ids in zip(texts, tok.encode_batch(texts)):
+            assert ids == tok.encode(text)
+            assert tok.decode(ids) == text
+            assert sum(sizes[i] for i in ids) == len(text.encode())
+
+
+_pieces = st.one_of(
+    st.text(),  # any code point but surrogates
+    st.sampled_from(EMOJI),
+    st.sampled_from([" ", "  ", "\n", "\r\n", "\t", "\u00a0", "\u3000", "\u200d", "\ufe0f", "🏽"]),
+    st.sampled_from(["@user", "#tag_1", "'s", "’ll", "12345", "नमस्ते", "مَرْحَبًا"]),
+    st.sampled_from(["e\u0301", "\u212b", "ﬁ", "Ａ", "①"]),  # what a Unicode normalizer would change
+    st.sampled_from(SPECIAL_TOKENS),
+)
+
+
+@functools.cache
+def _tokenizer_and_sizes(folder: Path) -> tuple[Tokenizer, list[int]]:
+    """Loaded once for all hypothesis examples."""
+    tok = Tokenizer.load(folder)
+    return tok, tok.token_bytes()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_pieces, max_size=12).map("".join))
+def test_round_trip_any_unicode(small_tokenizer, text):
+    tok, sizes = _tokenizer_and_sizes(small_tokenizer)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert sum(sizes[i] for i in ids) == len(text.encode())
+    assert min(ids, default=len(SPECIAL_TOKENS)) >= len(SPECIAL_TOKENS), "a special id came out of plain text"
+
+
+def test_special_tokens_have_fixed_ids_and_never_come_from_text(small_tokenizer):
+    tok = Tokenizer.load(small_tokenizer)
+    assert [tok.token_id(name) for name in SPECIAL_TOKENS] == list(range(6))
+    assert (tok.boundary_id, tok.pad_id) == (0, 1)
+    assert tok.decode([tok.token_id("<|user|>")]) == "<|user|>"
+    assert tok.token_bytes()[:6] == [0] * 6
+    post = "a post quoting <|endoftext|> and <|user|>"
+    ids = tok.encode(post)
+    assert min(ids) >= 6 and tok.decode(ids) == post
+
+
+def test_pre_tokenizer_keeps_post_units_whole(small_tokenizer):
+    """BPE never merges across these pieces, so the saved split pattern decides what a token can be."""
+    pre = HFTokenizer.from_file(str(small_tokenizer / "tokenizer.json")).pre_tokenizer
+    text = "@user it’s 12345 #covid_19 👩\u200d💻👍🏽 🇫🇷❤\ufe0fyes नमस्ते"
+    pieces = [text[start:end] for _, (start, end) in pre.pre_tokenize_str(text)]
+    assert pieces == ["@user", " it", "’s", " ", "12", "34", "5", " #covid_19", " 👩\u200d💻👍🏽", " 🇫🇷❤\ufe0f", "yes", " नमस्ते"]
+
+
+def test_loads_in_transformers_with_same_ids(small_corpus, small_tokenizer):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer.load(small_tokenizer)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(small_tokenizer / "tokenizer.json"))
+    auto = AutoTokenizer.from_pretrained(small_tokenizer)
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.boundary_id, tok.boundary_id, tok.pad_id)
+    assert len(auto) == tok.vocab_size
+    for text in _texts(small_corpus, "val") + EMOJI:
+        ids = tok.encode(text)
+        assert fast.encode(text, add_special_tokens=False) == ids
+        assert auto.encode(text, add_special_tokens=False) == ids
+        assert auto.decode(ids) == text
+
+
+def test_hash_is_sha256_of_file_and_survives_save(small_tokenizer, tmp_path):
+    tok = Tokenizer.load(small_tokenizer / "tokenizer.json")
+    assert tok.hash == hashlib.sha256((small_tokenizer / "tokenizer.json").read_bytes()).hexdigest()
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.hash == tok.hash
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|endoftext|>" and config["pad_token"] == "<|pad|>"
+
+
+def test_train_prints_val_bytes_per_token(small_corpus, tmp_path, capsys):
+    tok = train_tokenizer(TokenizerConfig(corpus=small_corpus, out=tmp_path, vocab_size=600))
+    assert tok.vocab_size == 600
+    val = _texts(small_corpus, "val")
+    ratio = sum(len(t.encode()) for t in val) / sum(map(len, tok.encode_batch(val)))
+    assert f"{ratio:.2f} bytes per token" in capsys.readouterr().out
+
+
+def test_user_errors(small_corpus, tmp_path):
+    with pytest.raises(UserError, match="not a corpus"):
+        train_tokenizer(TokenizerConfig(corpus=tmp_path, out=tmp_path / "tok", vocab_size=1000))
+    with pytest.raises(UserError, match="vocab-size 200 is too small"):
+        TokenizerConfig(corpus=small_corpus, out=tmp_path / "tok", vocab_size=200)
+    with pytest.raises(UserError, match="no tokenizer"):
+        Tokenizer.load(tmp_path / "missing")

@@ -1,0 +1,197 @@
+"""Byte-level BPE for posts: train on a corpus, load, encode, decode, save.
+
+    tweetlm tokenizer train work/corpus --vocab-size 16384 --out work/tokenizer
+
+Pipeline of the `tokenizers` library, no normalizer (the corpus is already normalized and
+decode(encode(s)) == s must hold for any string):
+    Split(_SPLIT_PATTERN) -> ByteLevel pre-tokenizer -> BPE -> ByteLevel decoder.
+Every byte has a token, so any Unicode string encodes with no unknown token.
+
+Special tokens hold ids 0..5 in the order of SPECIAL_TOKENS. They never come out of
+encoding text: a post that contains the literal "<|endoftext|>" is encoded as ordinary text
+and decodes back to it; the stages that need a special token insert its id (`token_id`).
+The saved tokenizer.json is the standard Hugging Face file, where transformers *does* match
+special-token strings in text (so chat templates written as strings work there).
+"""
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+from tweetlm.data.corpus import iter_texts, shard_paths
+from tweetlm.errors import UserError
+
+# Fixed order = fixed ids 0..5.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",  # document boundary: written before every document in the token shards
+    "<|pad|>",
+    "<|system|>",  # chat roles, each turn closed by <|end|>
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+)
+
+# GPT-4's split pattern (cl100k), adapted to posts. Branches are tried in order at each position:
+_SPLIT_PATTERN = "|".join([
+    # English contractions; ’ too, as phones type it.
+    r"['’](?i:[sdmt]|ll|ve|re)",
+    # A hashtag or mention with its leading space is one unit, digits and underscores included:
+    # " @user" (what `data prepare` leaves of a mention) then needs one token.
+    r" ?[#@][\p{L}\p{M}\p{N}_]+",
+    # A run of emoji. \X (an extended grapheme cluster) keeps each ZWJ sequence, skin tone,
+    # flag and keycap whole, so BPE merges whole emoji and runs of them ("😂😂"), never a
+    # half-sequence glued to punctuation.
+    r" ?(?:(?=[\p{Extended_Pictographic}\p{Regional_Indicator}]|[#*0-9]\x{FE0F}?\x{20E3})\X)+",
+    # A word with one leading space or punctuation mark. Marks (\p{M}) belong to words:
+    # GPT-4's \p{L}+ cuts Devanagari and vowelled Arabic at every vowel sign.
+    r"[^\r\n\p{L}\p{M}\p{N}]?+[\p{L}\p{M}]+",
+    # Numbers in groups of 1-2 digits, as nanochat: "2 is the sweet spot for vocab size of 32K.
+    # 1 is a bit worse, 3 was worse still" (karpathy/nanochat, nanochat/tokenizer.py); our
+    # vocabularies are that size or smaller, which favours short groups further.
+    r"\p{N}{1,2}",
+    # Punctuation and symbols, then whitespace, as GPT-4.
+    r" ?[^\s\p{L}\p{N}]++[\r\n]*",
+    r"\s*[\r\n]",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+
+_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
+_VAL_SAMPLE_CHARS = 10_000_000  # bytes per token is measured on about this much of val
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    corpus: Path
+    out: Path
+    vocab_size: int = 16384  # special tokens included
+    # Training text cap, as nanochat's speedrun trains its tokenizer on ~2e9 chars (runs/speedrun.sh).
+    max_chars: int = 2_000_000_000
+
+    def __post_init__(self):
+        if self.vocab_size < _MIN_VOCAB:
+            raise UserError(f"--vocab-size {self.vocab_size} is too small: byte-level BPE needs at least "
+                            f"{_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        if self.max_chars < 1:
+            raise UserError(f"max_chars must be positive, got {self.max_chars}")
+
+
+class Tokenizer:
+    """A trained byte-level BPE (see docs/CONTRACTS.md). Build with `Tokenizer.load` or `train_tokenizer`."""
+
+    def __init__(self, tokenizer_json: str):
+        self._json = tokenizer_json
+        self._tok = HFTokenizer.from_str(tokenizer_json)
+        # Special-token strings in text stay text (runtime flag, not saved in tokenizer.json).
+        self._tok.encode_special_tokens = True
+        self.hash = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._special_ids = {name: self._tok.token_to_id(name) for name in SPECIAL_TOKENS}
+        if list(self._special_ids.values()) != list(range(len(SPECIAL_TOKENS))):
+            raise UserError(f"this tokenizer.json is not a tweetlm tokenizer (special token ids {self._special_ids}): "
+                            "train one with `tweetlm tokenizer train`")
+        self.boundary_id = self._special_ids["<|endoftext|>"]
+        self.pad_id = self._special_ids["<|pad|>"]
+
+    @classmethod
+    def load(cls, path: Path) -> "Tokenizer":
+        """From a TOKENIZER folder or its tokenizer.json."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"no tokenizer at {path}: make one with `tweetlm tokenizer train CORPUS --out {path}`")
+        return cls(file.read_bytes().decode())  # bytes, not read_text: no newline translation under the hash
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Rust threads across the batch; the _fast variant skips offsets, which we never use.
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, name: str) -> int:
+        return self._special_ids[name]
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of each id's text (0 for special tokens), for bits-per-byte.
+
+        Counted from the vocabulary, not from decode: a single token can be part of a UTF-8
+        sequence, and ByteLevel spells each byte as exactly one character of its alphabet.
+        """
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        special = set(self._special_ids.values())
+        sizes = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            assert i in special or set(piece) <= alphabet, f"token {i} {piece!r} is not byte-level"
+            sizes.append(0 if i in special else len(piece))
+        return sizes
+
+    def save(self, folder: Path) -> None:
+        """tokenizer.json (byte-exact, so `hash` survives) plus the two files transformers' AutoTokenizer reads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.json").write_bytes(self._json.encode())
+        specials = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[1],
+                    "additional_special_tokens": list(SPECIAL_TOKENS[2:])}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **specials}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def train_tokenizer(config: TokenizerConfig) -> Tokenizer:
+    """Train on the train split's clean_text, save to config.out, print vocab size and bytes per token on val."""
+    if not shard_paths(config.corpus, "train"):
+        raise UserError(f"{config.corpus}/train has no Parquet shards to train on: is the corpus empty?")
+    hf = HFTokenizer(BPE())
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(vocab_size=config.vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                         show_progress=sys.stdout.isatty())  # off a terminal it only prints blank lines
+    t0 = time.perf_counter()
+    hf.train_from_iterator(_capped(iter_texts(config.corpus, "train"), config.max_chars), trainer)
+    tokenizer = Tokenizer(hf.to_str(pretty=True))
+    tokenizer.save(config.out)
+
+    note = "" if tokenizer.vocab_size == config.vocab_size else f" (asked {config.vocab_size}: the corpus has no more pairs to merge)"
+    print(f"trained in {time.perf_counter() - t0:.1f}s: vocab {tokenizer.vocab_size}{note} -> {config.out}/tokenizer.json")
+    n_bytes, n_tokens, examples = 0, 0, []
+    for batch in _capped(iter_texts(config.corpus, "val"), _VAL_SAMPLE_CHARS):
+        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            n_bytes, n_tokens = n_bytes + len(text.encode()), n_tokens + len(ids)
+            if len(examples) < 2 and text:
+                examples.append(ids)
+    if n_tokens:
+        print(f"val: {n_bytes / n_tokens:.2f} bytes per token ({n_bytes:,} bytes, {n_tokens:,} tokens)")
+    else:
+        print("val: empty split, bytes per token not measured")
+    for ids in examples:
+        print("  " + "|".join(tokenizer.decode([i]) for i in ids))
+    return tokenizer
+
+
+def _capped(batches: Iterator[list[str]], max_chars: int) -> Iterator[list[str]]:
+    """Batches until about max_chars characters have gone by (whole batches)."""
+    seen = 0
+    for batch in batches:
+        if seen >= max_chars:
+            return
+        yield batch
+        seen += sum(map(len, batch))

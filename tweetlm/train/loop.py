@@ -1,0 +1,278 @@
+"""train(cfg): the one training loop (pretraining today; fine-tuning passes its own batches).
+
+    tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/tiny --preset tiny --steps 200
+
+Each iteration, in order: maybe evaluate, maybe checkpoint, maybe write samples, stop?, micro-batches
+forward/backward, clip, step, log. The run folder RUN/ holds:
+    config.toml     the resolved TrainConfig (written before step 0; `--resume` reads it back)
+    env.json        git commit, package versions, device, command line
+    tokenizer.json  the tokenizer, so RUN/ alone is enough for generate and eval
+    checkpoints/    step-NNNNNN/ (see checkpoint.py): the last K and the best
+    metrics.jsonl   one line per log step {step, loss, lr, grad_norm, tokens, tok_per_s, mfu, time} and per
+                    evaluation {step, tokens, val_loss, val_bpb}
+    loss.png        train and val loss by step, redrawn at each evaluation
+    samples.txt     a few posts written by the model at every samples_every steps and at the end
+"""
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tweetlm.data.tokens import check_tokenizer, open_split, read_index
+from tweetlm.errors import UserError
+from tweetlm.model.llama import IGNORE_INDEX, Llama
+from tweetlm.model.sizing import flops_per_token, num_params
+from tweetlm.tokenizer.bpe import Tokenizer
+from tweetlm.train.batches import TokenBatches, val_batches
+from tweetlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tweetlm.train.config import TrainConfig, check_resume, load_config, to_toml
+from tweetlm.train.dist import autocast, device_name, is_main, peak_flops, print0, resolve_device, seed_everything
+from tweetlm.train.optim import build_optimizers, lr_multiplier, set_lr
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
+    """Train to cfg.steps or cfg.time_budget; returns the final metrics. `resume` continues RUN from its
+    latest checkpoint. `batches` replaces the token-shard stream: any object with next() -> (inputs, targets)
+    [B, T] and state_dict() / load_state_dict() (fine-tuning passes conversations with masked targets)."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, device)
+    run = Path(cfg.out)
+    if resume and not (run / "config.toml").is_file():
+        raise UserError(f"{run} is not a run folder (no config.toml): drop --resume to start a new run there")
+    tokenizer = Tokenizer.load(run / "tokenizer.json" if resume else cfg.tokenizer)  # a run keeps its own copy
+    index = read_index(cfg.tokens)
+    check_tokenizer(index, tokenizer)
+    model_cfg = cfg.model.resolve(vocab_size=tokenizer.vocab_size)
+    checkpoint = _start_run(run, cfg, tokenizer, device, resume)
+
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights(generator=torch.Generator(device).manual_seed(cfg.seed))
+    optimizers = build_optimizers(model, cfg.optim, device)
+    seq_len, boundary = cfg.model.seq_len, index["boundary_id"]
+    if batches is None:
+        batches = TokenBatches(open_split(cfg.tokens, "train"), boundary_id=boundary, seq_len=seq_len,
+                               batch_size=cfg.micro_batch, seed=cfg.seed)
+        coverage = batches.coverage()
+        if coverage == 0:
+            raise UserError(f"{cfg.tokens} has no train document followed by {seq_len} tokens: lower model.seq_len or add data")
+        print0(f"train data: windows of {seq_len + 1} tokens from a document start cover {coverage:.0%} of the train tokens")
+    val = val_batches(open_split(cfg.tokens, "val"), boundary_id=boundary, seq_len=seq_len,
+                      batch_size=cfg.micro_batch, max_tokens=cfg.eval.tokens)
+    if not val:
+        raise UserError(f"{cfg.tokens} has no val document followed by {seq_len} tokens: lower model.seq_len or add val data")
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+
+    step, train_time, tokens_seen, last_val = 0, 0.0, 0, {}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizers)
+        batches.load_state_dict(state["loader"])
+        step, train_time, tokens_seen, last_val = state["step"], state["train_time"], state["tokens"], state["val"]
+        print0(f"resumed from {checkpoint} (step {step})")
+    start_step = step
+    forward = torch.compile(model) if cfg.compile else model
+    model.train()
+
+    flops_per_step = flops_per_token(model_cfg, seq_len) * cfg.batch_tokens
+    peak, peak_source = peak_flops(device)
+    print0(f"model: {num_params(model_cfg):,} parameters ({model_cfg.depth} layers, dim {model_cfg.dim}); "
+           f"{cfg.grad_accum} x {cfg.micro_batch} x {seq_len} = {cfg.batch_tokens:,} tokens per step; "
+           f"{device_name(device)}, peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
+    bar = tqdm(total=1000, disable=not is_main(), bar_format="{l_bar}{bar}| {remaining} left{postfix}", mininterval=0.5)
+    loss, session_tokens, session_time = float("nan"), 0, 0.0  # tokens/s over this session, first step left out
+    while True:
+        progress = _progress(cfg, step, train_time)
+        last = progress >= 1
+        bar.update(min(1000, int(1000 * progress)) - bar.n)
+        done_before = checkpoint is not None and step == start_step  # this step's eval and checkpoint are already on disk
+        evaluated = False
+        if (step % cfg.eval.every == 0 or last) and not done_before:
+            last_val = evaluate(forward, val, token_bytes, device)
+            evaluated = True
+            _log(run, {"step": step, "tokens": tokens_seen, **last_val})
+            _plot(run)
+        if ((step % cfg.checkpoint.every == 0 and step > 0) or last) and not done_before:
+            save_checkpoint(run, step=step, model=model, optimizers=optimizers, val=last_val if evaluated else None,
+                            keep=cfg.checkpoint.keep, state={"loader": batches.state_dict(), "train_time": train_time,
+                                                             "tokens": tokens_seen, "val": last_val})
+        if ((step % cfg.eval.samples_every == 0 and step > 0) or last) and not done_before:
+            _write_samples(run, model, tokenizer, step=step, n=cfg.eval.samples, seed=cfg.seed, device=device)
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        set_lr(optimizers, lr_multiplier(_progress(cfg, step + 1, train_time), cfg.optim))
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum):
+            inputs, targets = (t.to(device, non_blocking=True) for t in batches.next())
+            with autocast(device):
+                micro_loss = forward(inputs, targets)
+            (micro_loss / cfg.grad_accum).backward()
+            loss_sum += micro_loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss = loss_sum.item() / cfg.grad_accum  # waits for the device, so dt is the step's real time
+        dt = time.perf_counter() - t0
+
+        step, train_time, tokens_seen = step + 1, train_time + dt, tokens_seen + cfg.batch_tokens
+        if step > start_step + 1:
+            session_tokens, session_time = session_tokens + cfg.batch_tokens, session_time + dt
+        mfu = flops_per_step / dt / peak if peak else None
+        if step % cfg.log_every == 0:
+            _log(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
+                       "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
+                       "mfu": mfu, "time": train_time})
+        bar.set_postfix_str(f"step {step} loss {loss:.3f} {cfg.batch_tokens / dt:,.0f} tok/s"
+                            + (f" MFU {mfu:.1%}" if mfu else ""), refresh=False)
+    bar.close()
+    tok_per_s = session_tokens / session_time if session_time else None
+    final = {"step": step, "loss": loss, **last_val, "tokens": tokens_seen, "time": train_time, "tok_per_s": tok_per_s,
+             "mfu": tok_per_s * flops_per_step / cfg.batch_tokens / peak if tok_per_s and peak else None}
+    print0("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items() if v is not None))
+    return final
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+             device: torch.device) -> dict:
+    """{"val_loss": nats per target token, "val_bpb": bits per UTF-8 byte of the targets' text}.
+    Every target counts in both, the boundary token too (it carries where a post ends; its text has 0 bytes),
+    so bits-per-byte is the size the model would compress the text to, comparable across tokenizers.
+    Targets equal to IGNORE_INDEX count in neither."""
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = torch.zeros((), dtype=torch.int64, device=device)
+    n_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device):
+            losses = model(inputs, targets, reduction="none")  # [B, T], 0 where ignored
+        counted = targets != IGNORE_INDEX
+        nats += losses.double().sum()
+        n_tokens += counted.sum()
+        n_bytes += torch.where(counted, token_bytes[targets.clamp(min=0)], 0).sum()
+    model.train()
+    return {"val_loss": (nats / n_tokens).item(), "val_bpb": (nats / (math.log(2) * n_bytes)).item()}
+
+
+def _progress(cfg: TrainConfig, step: int, train_time: float) -> float:
+    """How far the run is, 0 -> 1: by steps, or by training time (evaluation and checkpoints not counted)."""
+    by_steps = step / cfg.steps if cfg.steps else 0.0
+    by_time = train_time / (60 * cfg.time_budget) if cfg.time_budget else 0.0
+    return max(by_steps, by_time)
+
+
+@torch.no_grad()
+def _write_samples(run: Path, model: Llama, tokenizer: Tokenizer, *, step: int, n: int, seed: int,
+                   device: torch.device, max_new_tokens: int = 48, temperature: float = 0.8) -> None:
+    """Append n fresh posts (sampled from the boundary token, no KV cache: a few short ones) to RUN/samples.txt."""
+    model.eval()
+    generator = torch.Generator(device).manual_seed(seed + step)
+    ids = torch.full((n, 1), tokenizer.boundary_id, dtype=torch.long, device=device)  # [n, 1]
+    for _ in range(max_new_tokens):
+        with autocast(device):
+            logits = model(ids[:, -model.config.max_seq_len:])[:, -1, :]  # [n, V]
+        next_ids = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)  # [n, 1]
+        ids = torch.cat([ids, next_ids], dim=1)
+    model.train()
+    texts = []
+    for row in ids[:, 1:].tolist():
+        end = row.index(tokenizer.boundary_id) if tokenizer.boundary_id in row else len(row)
+        texts.append(tokenizer.decode(row[:end]).replace("\n", " "))
+    with open(run / "samples.txt", "a") as f:
+        f.write(f"step {step}\n" + "".join(f"  - {t}\n" for t in texts))
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def _start_run(run: Path, cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, resume: bool) -> Path | None:
+    """Check RUN against `resume`, write config.toml, env.json and tokenizer.json; the checkpoint to resume from."""
+    checkpoint = None
+    if resume:
+        check_resume(load_config(run / "config.toml"), cfg)
+        checkpoint = latest_checkpoint(run)
+        _trim_metrics(run, checkpoint_step=int(checkpoint.name.removeprefix("step-")) if checkpoint else -1)
+    elif (run / "config.toml").exists():
+        raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / "config.toml.tmp"
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, run / "config.toml")
+    tokenizer.save(run)
+    (run / "env.json").write_text(json.dumps(_environment(device, checkpoint), indent=1) + "\n")
+    return checkpoint
+
+
+def _environment(device: torch.device, resumed_from: Path | None) -> dict:
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {
+        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(), "platform": platform.platform(), "device": device_name(device),
+        "packages": {p: metadata.version(p) for p in ("tweetlm", "torch", "numpy", "tokenizers", "safetensors")},
+        "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }
+
+
+def _read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line cut short by a kill is skipped."""
+    records = []
+    if (run / "metrics.jsonl").is_file():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def _trim_metrics(run: Path, checkpoint_step: int) -> None:
+    """Keep the records up to the checkpoint a resumed run restarts from: the steps after it are run again."""
+    kept = [r for r in _read_metrics(run) if r["step"] <= checkpoint_step]
+    tmp = run / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, run / "metrics.jsonl")
+
+
+def _log(run: Path, record: dict) -> None:
+    with open(run / "metrics.jsonl", "a") as f:  # a line at a time: a kill cuts at most the last line
+        f.write(json.dumps(record) + "\n")
+
+
+def _plot(run: Path) -> None:
+    """RUN/loss.png: train loss and val loss by step."""
+    from matplotlib.figure import Figure  # here, not at import: matplotlib takes ~0.5 s to load
+
+    records = _read_metrics(run)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for key, style, label in (("loss", "-", "train loss"), ("val_loss", "o-", "val loss")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=3)
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=run.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "loss.png.tmp", format="png")
+    os.replace(run / "loss.png.tmp", run / "loss.png")

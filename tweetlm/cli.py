@@ -207,6 +207,23 @@ def _add_generate(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
 
 
+# ---------------------------------------------------------------- demo
+
+
+def _demo(a):
+    from tweetlm.demo import DemoConfig, demo
+
+    demo(DemoConfig(data=tuple(a.data), shared=SHARED_DATA, out=Path(a.out), minutes=a.minutes))
+
+
+def _add_demo(sub):
+    p = _verb(sub, "demo", "the whole pipeline on the bundled tweets: prepare, tokenizer, tokenize, ~5 minutes of training, posts",
+              "tweetlm demo --minutes 5 --out work/demo", _demo)
+    p.add_argument("--data", nargs="+", default=[], metavar="INPUT", help="your own posts instead of the bundled tweets")
+    p.add_argument("--out", default="work/demo", help="working folder (default work/demo)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -223,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_model(sub)
     _add_generate(sub)
+    _add_demo(sub)
     return parser
 
 

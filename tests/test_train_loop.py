@@ -96,7 +96,7 @@ def test_golden_losses(tiny_run):
     if not GOLDEN.exists():
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({**machine, "losses": losses}, indent=1) + "\n")
-        pytest.skip(f"wrote {GOLDEN}: check it in")
+        pytest.fail(f"no golden losses were checked in; wrote {GOLDEN}: review and commit it")
     golden = json.loads(GOLDEN.read_text())
     if {k: golden[k] for k in machine} == machine:
         assert losses == golden["losses"], "numerics changed: if on purpose, regenerate (see module docstring)"

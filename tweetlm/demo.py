@@ -3,7 +3,6 @@
 prepare -> tokenizer train -> tokenize -> train (small preset, time budget) -> val bits-per-byte -> posts.
 """
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +39,7 @@ def demo(cfg: DemoConfig) -> dict:
     inputs = cfg.data or _default_inputs(cfg)
     corpus, tok, tokens, run = (cfg.out / name for name in ("corpus", "tokenizer", "tokens", "run"))
     print("== 1/5 data prepare")
-    prepare(PrepareConfig(inputs=tuple(p for i in inputs for p in (sorted(glob.glob(i, recursive=True)) or [i])),
-                          out=corpus, workers=cfg.workers))
+    prepare(PrepareConfig(inputs=inputs, out=corpus, workers=cfg.workers))
     print("== 2/5 tokenizer train")
     train_tokenizer(TokenizerConfig(corpus=corpus, out=tok, vocab_size=cfg.vocab_size))
     print("== 3/5 data tokenize")

@@ -27,3 +27,4 @@ def test_demo_runs_every_stage_and_writes_posts(tmp_path, capsys):
 def test_generate_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+

@@ -5,6 +5,7 @@ A UserError from any stage becomes one line on stderr and exit code 2.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -254,4 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tweetlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as coreutils do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     return 0

@@ -19,7 +19,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/tweetlm demo
 
-test: setup
+# The web chat test drives Debian's chromium through Playwright (no browser download at run time).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q -x
 
 clean:

@@ -29,6 +29,7 @@ from tokenizers.trainers import BpeTrainer
 
 from tweetlm.data.corpus import iter_texts, shard_paths
 from tweetlm.errors import UserError
+from tweetlm.tokenizer.chat import CHAT_TEMPLATE
 
 # Fixed order = fixed ids 0..5.
 SPECIAL_TOKENS = (
@@ -140,13 +141,15 @@ class Tokenizer:
         return sizes
 
     def save(self, folder: Path) -> None:
-        """tokenizer.json (byte-exact, so `hash` survives) plus the two files transformers' AutoTokenizer reads."""
+        """tokenizer.json (byte-exact, so `hash` survives) plus the two files transformers' AutoTokenizer reads
+        (with the chat template)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "tokenizer.json").write_bytes(self._json.encode())
         specials = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[1],
                     "additional_special_tokens": list(SPECIAL_TOKENS[2:])}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **specials}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "chat_template": CHAT_TEMPLATE, **specials}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 

@@ -7,9 +7,12 @@ decode(encode(s)) == s must hold for any string):
     Split(_SPLIT_PATTERN) -> ByteLevel pre-tokenizer -> BPE -> ByteLevel decoder.
 Every byte has a token, so any Unicode string encodes with no unknown token.
 
-Special tokens hold ids 0..5 in the order of SPECIAL_TOKENS. They never come out of
-encoding text: a post that contains the literal "<|endoftext|>" is encoded as ordinary text
-and decodes back to it; the stages that need a special token insert its id (`token_id`).
+Special tokens are looked up by name: training puts them at ids 0..5 in the order of
+SPECIAL_TOKENS; a byte-level BPE brought from elsewhere (`tweetlm import hf`, a Llama 3 or
+GPT-2 style tokenizer.json) gets those it lacks appended after its vocabulary (`adopt`).
+They never come out of encoding text: a post that contains the literal "<|endoftext|>" is
+encoded as ordinary text and decodes back to it; the stages that need a special token
+insert its id (`token_id`).
 The saved tokenizer.json is the standard Hugging Face file, where transformers *does* match
 special-token strings in text (so chat templates written as strings work there).
 """
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Regex, decoders, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
@@ -31,7 +34,7 @@ from tweetlm.data.corpus import iter_texts, shard_paths
 from tweetlm.errors import UserError
 from tweetlm.tokenizer.chat import CHAT_TEMPLATE
 
-# Fixed order = fixed ids 0..5.
+# A trained tokenizer holds them at ids 0..5, in this order.
 SPECIAL_TOKENS = (
     "<|endoftext|>",  # document boundary: written before every document in the token shards
     "<|pad|>",
@@ -96,10 +99,14 @@ class Tokenizer:
         self._tok.encode_special_tokens = True
         self.hash = hashlib.sha256(tokenizer_json.encode()).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._special_ids = {name: self._tok.token_to_id(name) for name in SPECIAL_TOKENS}
-        if list(self._special_ids.values()) != list(range(len(SPECIAL_TOKENS))):
-            raise UserError(f"this tokenizer.json is not a tweetlm tokenizer (special token ids {self._special_ids}): "
-                            "train one with `tweetlm tokenizer train`")
+        _check_byte_level(self._tok)
+        # every special of the file (a Llama 3 tokenizer has 256), ours among them: 0 bytes of text each
+        self._all_special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        missing = [name for name in SPECIAL_TOKENS if name not in self._all_special]
+        if missing:
+            raise UserError(f"this tokenizer.json lacks the special tokens {', '.join(missing)}: train one with "
+                            "`tweetlm tokenizer train`, or bring a Hugging Face model in with `tweetlm import hf`")
+        self._special_ids = {name: self._all_special[name] for name in SPECIAL_TOKENS}
         self.boundary_id = self._special_ids["<|endoftext|>"]
         self.pad_id = self._special_ids["<|pad|>"]
 
@@ -132,7 +139,7 @@ class Tokenizer:
         sequence, and ByteLevel spells each byte as exactly one character of its alphabet.
         """
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-        special = set(self._special_ids.values())
+        special = set(self._all_special.values())
         sizes = []
         for i in range(self.vocab_size):
             piece = self._tok.id_to_token(i)
@@ -152,6 +159,33 @@ class Tokenizer:
                   "chat_template": CHAT_TEMPLATE, **specials}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def adopt(tokenizer_json: str) -> tuple[Tokenizer, list[str]]:
+    """A byte-level BPE made elsewhere (GPT-2, Llama 3 ...) as a tweetlm Tokenizer, and the SPECIAL_TOKENS it gained.
+
+    The ones it lacks are appended after its vocabulary, so every id it had keeps its meaning (the model's
+    embedding grows to match: `tweetlm.model.hf.import_hf`). Its post-processor goes too (Llama 3's puts
+    <|begin_of_text|> in front of every text), so transformers encodes text as tweetlm does, adding nothing.
+    A tokenizer that has them all comes back byte-identical, with the same hash.
+    """
+    hf = HFTokenizer.from_str(tokenizer_json)
+    _check_byte_level(hf)
+    present = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+    missing = [name for name in SPECIAL_TOKENS if name not in present]
+    if not missing:
+        return Tokenizer(tokenizer_json), []
+    hf.post_processor = None
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in missing])
+    return Tokenizer(hf.to_str(pretty=True)), missing
+
+
+def _check_byte_level(tok: HFTokenizer) -> None:
+    """Byte-level BPE is what encodes any string without an unknown token and what token_bytes() can count."""
+    if not (isinstance(tok.model, BPE) and isinstance(tok.decoder, decoders.ByteLevel)):
+        raise UserError(f"this tokenizer.json is not a byte-level BPE (model {type(tok.model).__name__}, decoder "
+                        f"{type(tok.decoder).__name__}): tweetlm needs one, as GPT-2 and Llama 3 have; sentencepiece-style "
+                        "tokenizers (Llama 2, Mistral) are not supported")
 
 
 def train_tokenizer(config: TokenizerConfig) -> Tokenizer:

@@ -128,13 +128,15 @@ def _train(a):
     base = Path(a.config) if a.config else Path(a.out) / "config.toml" if a.resume else None
     overrides = {"tokens": a.tokens, "tokenizer": a.tokenizer, "out": a.out, "model.preset": a.preset,
                  "model.depth": a.depth, "steps": a.steps, "time_budget": a.time_budget, "seed": a.seed,
-                 "device": a.device, "compile": a.compile or None, **parse_set(a.set)}
+                 "device": a.device, "compile": a.compile or None, "parallel": a.parallel, **parse_set(a.set)}
     train(load_config(base, overrides), resume=a.resume)
 
 
 def _add_train(sub):
     p = _verb(sub, "train", "train a model on token shards; writes config, checkpoints, metrics.jsonl, loss.png and samples to RUN",
-              "tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/small --preset small --time-budget 5",
+              "tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/small --preset small --time-budget 5\n"
+              "  torchrun --standalone --nproc-per-node 8 -m tweetlm train --tokens work/tokens --tokenizer work/tokenizer "
+              "--out runs/1b --preset 1b --steps 20000 --parallel fsdp --set optim.name=adamw --set optim.lr=0.003",
               _train)
     p.add_argument("--tokens", metavar="TOKENS", help="token shards from `tweetlm data tokenize`")
     p.add_argument("--tokenizer", metavar="TOKENIZER", help="the tokenizer the shards were made with")
@@ -148,6 +150,8 @@ def _add_train(sub):
     p.add_argument("--seed", type=int, help="seed of weights, data order and samples (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when there is one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: replicate the model (ddp, the default) "
+                   "or shard it (fsdp, FSDP2; needs --set optim.name=adamw); see docs/distributed.md")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint, with its config.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set optim.lr=0.01 --set model.seq_len=128 (repeatable)")
@@ -208,6 +212,130 @@ def _add_generate(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
 
 
+# ---------------------------------------------------------------- Hugging Face export and import
+
+
+def _export_hf(a):
+    from tweetlm.model.hf import export_hf
+
+    export_hf(Path(a.run_dir), Path(a.out), dtype=a.dtype)
+
+
+def _import_hf(a):
+    from tweetlm.model.hf import import_hf
+
+    import_hf(Path(a.src), Path(a.out))
+
+
+def _add_export(sub):
+    export = sub.add_parser("export", help="write a trained model in another format", formatter_class=_formatter)
+    esub = export.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _verb(esub, "hf", "write a run's best checkpoint as a Hugging Face Llama model folder (transformers, vLLM, llama.cpp)",
+              "tweetlm export hf runs/small --out export/small --dtype bfloat16", _export_hf)
+    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: config.json, model.safetensors, tokenizer files")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' type (default float32)")
+
+
+def _add_import(sub):
+    imp = sub.add_parser("import", help="start a run from a model made elsewhere", formatter_class=_formatter)
+    isub = imp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _verb(isub, "hf", "make a run folder (tokenizer + step-0 checkpoint) from a Hugging Face Llama model folder",
+              "tweetlm import hf models/SmolLM2-135M --out runs/smol", _import_hf)
+    p.add_argument("src", metavar="DIR", help="a local folder with config.json, model.safetensors (or shards) and tokenizer.json")
+    p.add_argument("--out", required=True, metavar="RUN", help="the new run folder")
+
+
+# ---------------------------------------------------------------- plan
+
+
+def _plan(a):
+    import json
+
+    from tweetlm.plan.planner import PlanConfig, format_plan, parse_count, plan
+
+    result = plan(PlanConfig(
+        gpus=a.gpus, gpu=a.gpu, days=a.days, mfu=a.mfu, params=parse_count(a.params) if a.params else None,
+        tokens_per_param=a.tokens_per_param, seq_len=a.seq_len, vocab_size=a.vocab_size, optimizer=a.optimizer,
+        tokens_dir=Path(a.tokens) if a.tokens else None,
+    ))
+    print(json.dumps(result.to_dict(), indent=1) if a.json else format_plan(result))
+
+
+def _add_plan(sub):
+    p = _verb(sub, "plan", "plan a training run for N GPUs over D days: model size, tokens, memory per GPU, layout, time, posts",
+              "tweetlm plan --gpus 10000 --gpu h100 --days 30 --tokens work/demo/tokens", _plan)
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", default="h100", help="a100, h100, h200 or b200 (default h100)")
+    p.add_argument("--days", type=float, required=True, help="wall-clock days of training")
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilization (default 0.40; Llama 3 405B: 0.38-0.43)")
+    p.add_argument("--params", metavar="N", help="plan for this size, e.g. 70B, instead of the compute-optimal one")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, metavar="R",
+                   help="compute-optimal tokens per parameter (default 20, Chinchilla; nanochat measured ~10.5)")
+    p.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size (default: the --tokens folder's, else 32768)")
+    p.add_argument("--optimizer", choices=("muon", "adamw"), default="muon", help="sets the optimizer state's size (default muon)")
+    p.add_argument("--tokens", metavar="TOKENS", help="a `tweetlm data tokenize` folder: measure tokens per post on it")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+# ---------------------------------------------------------------- serve and chat
+
+
+def _serve(a):
+    from tweetlm.serve.app import ServeLimits
+    from tweetlm.serve.server import ServeConfig, serve
+
+    key = a.api_key
+    if a.api_key_file:
+        try:
+            key = Path(a.api_key_file).read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read --api-key-file {a.api_key_file}: {e.strerror}") from None
+    limits = ServeLimits(max_body_bytes=a.max_body_kb * 1024, max_concurrent=a.max_concurrent,
+                         request_timeout=a.request_timeout)
+    serve(ServeConfig(run=Path(a.run_dir), host=a.host, port=a.port, model_name=a.model_name, api_key=key,
+                      device=a.device, max_batch_size=a.max_batch_size, limits=limits))
+
+
+def _add_serve(sub):
+    p = _verb(sub, "serve", "serve a model: OpenAI-compatible API at /v1 and a web chat page at /",
+              "tweetlm serve work/demo/run --port 8000   # then open http://127.0.0.1:8000/", _serve)
+    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    p.add_argument("--model-name", help="the model's name in the API (default: the run folder's name)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /metrics (visible in `ps`: "
+                                     "prefer --api-key-file)")
+    p.add_argument("--api-key-file", metavar="FILE", help="read the API key from this file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-concurrent", type=int, default=64, help="generation requests at once; more get 429 (default 64)")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body; more gets 413 (default 1024)")
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="longest a request may run, queue included; then 408, or an error event in a stream (default 300)")
+
+
+def _chat(a):
+    from tweetlm.serve.chat import ChatConfig, chat
+
+    chat(ChatConfig(run=Path(a.run_dir), system=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
+                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, device=a.device))
+
+
+def _add_chat(sub):
+    p = _verb(sub, "chat", "chat with a model in the terminal (the server's chat template); /new starts over, /quit ends",
+              "tweetlm chat work/demo/run --system 'You answer in one short post.' --seed 1", _chat)
+    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (a chat fine-tuned one answers best)")
+    p.add_argument("--system", default="", help="a system message that opens the conversation")
+    p.add_argument("--max-tokens", type=int, default=256, help="at most this many tokens per reply (default 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="make a session reproducible")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -241,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_model(sub)
     _add_generate(sub)
+    _add_export(sub)
+    _add_import(sub)
+    _add_plan(sub)
+    _add_serve(sub)
+    _add_chat(sub)
     _add_demo(sub)
     return parser
 

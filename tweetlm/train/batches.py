@@ -9,10 +9,17 @@ for 30-token tweets at seq_len 256, and `TokenBatches.coverage()` says how much 
 
 Order: every epoch visits the shards in a seeded random order and each shard's windows in a seeded random
 order, so the stream depends only on (seed, epoch) and resumes from {epoch, shard, window}, three integers.
+
+Several processes (ranks) share one stream: each call of next() takes the next world x batch_size windows of
+it, and rank r keeps the r-th run of batch_size of them, reading only their tokens. So rank r's k-th batch is
+the single-process stream's batch k x world + r, a step sees the same windows at any world size, and the
+position, counted in windows of the one stream, resumes at another world size.
 """
 
 import numpy as np
 import torch
+
+from tweetlm.model.llama import IGNORE_INDEX
 
 
 def window_starts(tokens: np.ndarray, boundary_id: int, seq_len: int) -> np.ndarray:
@@ -33,11 +40,14 @@ def _stack(rows: list[tuple[np.ndarray, int]], seq_len: int) -> tuple[torch.Tens
 
 
 class TokenBatches:
-    """An endless, seeded, resumable stream of (inputs [B, T], targets [B, T]) int64 CPU tensors."""
+    """An endless, seeded, resumable stream of (inputs [B, T], targets [B, T]) int64 CPU tensors: this rank's share."""
 
-    def __init__(self, shards: list[np.ndarray], *, boundary_id: int, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, shards: list[np.ndarray], *, boundary_id: int, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
         assert shards, "no shards"
+        assert 0 <= rank < world, f"rank {rank} of {world}"
         self.shards, self.boundary_id, self.seq_len, self.batch_size, self.seed = shards, boundary_id, seq_len, batch_size, seed
+        self.rank, self.world = rank, world
         self.epoch, self.shard, self.window = 0, 0, 0
         self._order: dict = {}  # (epoch, shard position) -> (shard index, its windows in order), one cached at a time
 
@@ -51,10 +61,10 @@ class TokenBatches:
         return self._order[key]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, empty_in_a_row = [], 0  # rows: (shard, start)
-        while len(rows) < self.batch_size:
+        rows, empty_in_a_row, wanted = [], 0, self.batch_size * self.world  # rows: (shard, start), of every rank
+        while len(rows) < wanted:
             index, starts = self._windows(self.epoch, self.shard)
-            take = starts[self.window : self.window + self.batch_size - len(rows)]
+            take = starts[self.window : self.window + wanted - len(rows)]
             rows += [(self.shards[index], s) for s in take]
             self.window += len(take)
             empty_in_a_row = 0 if len(take) else empty_in_a_row + 1
@@ -63,7 +73,7 @@ class TokenBatches:
                 self.shard, self.window = self.shard + 1, 0
                 if self.shard == len(self.shards):
                     self.epoch, self.shard = self.epoch + 1, 0
-        return _stack(rows, self.seq_len)
+        return _stack(rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size], self.seq_len)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "shard": self.shard, "window": self.window}
@@ -77,10 +87,26 @@ class TokenBatches:
         return used / sum(len(s) for s in self.shards)
 
 
-def val_batches(shards: list[np.ndarray], *, boundary_id: int, seq_len: int, batch_size: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed val set: the first max_tokens // seq_len windows of the shards in file order (at least one)."""
+def val_batches(shards: list[np.ndarray], *, boundary_id: int, seq_len: int, batch_size: int, max_tokens: int,
+                rank: int = 0, world: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed val set: the first max_tokens // seq_len windows of the shards in file order (at least one),
+    this rank's contiguous share of them. Every rank gets the same number of batches (ranks run the forward
+    together under FSDP): a share that falls short is padded with rows whose targets are all IGNORE_INDEX."""
     need = max(1, max_tokens // seq_len)
     rows = []  # (shard, start)
     for shard in shards:
         rows += [(shard, s) for s in window_starts(shard, boundary_id, seq_len)[: need - len(rows)]]
-    return [_stack(rows[i : i + batch_size], seq_len) for i in range(0, len(rows), batch_size)]
+    if not rows:
+        return []
+    share = -(-len(rows) // world)
+    mine = rows[rank * share : (rank + 1) * share]
+    mine += rows[:1] * (share - len(mine))  # padding, its targets ignored below
+    batches = []
+    for i in range(0, share, batch_size):
+        inputs, targets = _stack(mine[i : i + batch_size], seq_len)
+        real = len(rows) - rank * share - i  # rows of this batch that are not padding
+        if real < len(inputs):
+            targets = targets.clone()  # targets and inputs are views of one array
+            targets[max(0, real):] = IGNORE_INDEX
+        batches.append((inputs, targets))
+    return batches

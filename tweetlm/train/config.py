@@ -123,6 +123,10 @@ class TrainConfig:
     seed: int = 0  # weights, data order and samples: same seed, same run
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when there is one)
     compile: bool = False  # torch.compile the model
+    # How the model is spread over the processes torchrun starts (docs/distributed.md): "ddp" replicates it
+    # (one process: no wrapping); "fsdp" shards weights, gradients and optimizer states (FSDP2), also in one process.
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     log_every: int = 10  # steps between lines in metrics.jsonl
     model: ModelSpec = field(default_factory=ModelSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -135,6 +139,12 @@ class TrainConfig:
         _check(self.steps is None or self.steps >= 1, "steps", self.steps, "must be a positive integer")
         _check(self.time_budget is None or self.time_budget > 0, "time_budget", self.time_budget, "must be positive (minutes)")
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "choose auto, cpu or cuda")
+        _check(self.parallel in ("ddp", "fsdp"), "parallel", self.parallel, "choose ddp or fsdp")
+        # Muon orthogonalizes whole matrices; FSDP gives each rank a slice of every matrix (a gather per matrix
+        # per step would undo the sharding's memory saving), so muon runs under ddp and adamw under both.
+        _check(not (self.parallel == "fsdp" and self.optim.name == "muon"), "parallel", self.parallel,
+               "fsdp needs optim.name = adamw (--set optim.name=adamw --set optim.lr=0.006): "
+               "Muon needs whole matrices; use --parallel ddp to train with Muon")
         _check(self.micro_batch >= 1, "micro_batch", self.micro_batch, "must be a positive integer")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be a positive integer")
         per_micro = self.micro_batch * self.model.seq_len
@@ -143,7 +153,16 @@ class TrainConfig:
 
     @property
     def grad_accum(self) -> int:
+        """Micro-batches per optimizer step, over all processes."""
         return self.batch_tokens // (self.micro_batch * self.model.seq_len)
+
+    def grad_accum_per_rank(self, world: int) -> int:
+        """Micro-batches per step on each of `world` processes: batch_tokens is the global batch at any world size."""
+        _check(self.grad_accum % world == 0, "batch_tokens", self.batch_tokens,
+               f"must be a multiple of micro_batch x model.seq_len x processes = {self.micro_batch} x {self.model.seq_len} "
+               f"x {world} = {self.micro_batch * self.model.seq_len * world} to split evenly over {world} processes: "
+               "change batch_tokens or micro_batch")
+        return self.grad_accum // world
 
 
 # ---------------------------------------------------------------- TOML in and out
@@ -243,7 +262,8 @@ def to_toml(cfg: TrainConfig) -> str:
 
 
 # Settings a resumed run may change; any other difference would make the checkpoint mean something else.
-_RESUMABLE = ("out", "steps", "time_budget", "device", "compile", "log_every", "micro_batch", "eval.", "checkpoint.")
+_RESUMABLE = ("out", "steps", "time_budget", "device", "compile", "parallel", "activation_checkpointing", "log_every",
+              "micro_batch", "eval.", "checkpoint.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

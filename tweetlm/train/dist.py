@@ -1,15 +1,29 @@
-"""The process's place in a run: device, precision, seed, rank helpers and peak FLOPs for MFU.
+"""The process's place in a run: process group, device, precision, seed, model wrapping, rank helpers, peak FLOPs.
 
-One process today; this is the module where torchrun's process group, the device mesh and FSDP2/DDP
-will live (the only place that reads torchrun's environment variables), so that the loop and the model
-never know how many processes there are.
+The only module that reads torchrun's environment variables (RANK, LOCAL_RANK, WORLD_SIZE) or touches process
+groups (checkpoint.py writes sharded checkpoints with torch.distributed.checkpoint), so the loop and the model
+never know how many processes there are:
+
+    python -m tweetlm train ...                                   one process, no process group
+    torchrun --nproc-per-node 2 -m tweetlm train ... --parallel ddp   (or fsdp; docs/distributed.md)
+
+A process group runs when there are several processes, or with `parallel = "fsdp"` (even one process: FSDP
+then only brings its bf16 mixed-precision policy on CUDA and sharded checkpoints, the same as at any scale).
+The backend follows the device: NCCL on CUDA, gloo on CPU. `parallelize` wraps the model:
+- ddp: every rank holds the whole model; gradients are averaged (all-reduce) at the last micro-batch of a step;
+- fsdp: FSDP2 (`fully_shard`) per block, then at the root: each rank holds 1/world of every weight, gradient
+  and optimizer state; weights are all-gathered per block for forward and backward.
 """
 
 import contextlib
+import datetime
 import os
+import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from tweetlm.errors import UserError
 
@@ -24,13 +38,35 @@ _GPU_PEAK_BF16 = {
     "4090": 165e12,
 }
 
+# How long a rank waits in a collective for the others before the job fails instead of hanging. A rank that
+# dies is noticed at once (torchrun stops the others; a closed connection fails the collective); this covers a
+# rank that is alive but stuck. 10 minutes (NCCL's default) leaves room for work that one rank does alone or
+# that ranks finish at different times: torch.compile's first step, deleting old checkpoints of a large model.
+_TIMEOUT = datetime.timedelta(minutes=10)
+
+# checkpoint_wrapper puts each wrapped block one level down, under this name, in parameter names
+_AC_PREFIX = "_checkpoint_wrapped_module."
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))  # set by torchrun
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main() -> bool:
     return rank() == 0
+
+
+def is_distributed() -> bool:
+    """True while a process group runs (several processes, or FSDP): checkpoints are then sharded."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def print0(*args, **kwargs) -> None:
@@ -39,12 +75,137 @@ def print0(*args, **kwargs) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when there is one, else cpu."""
+    """"auto" -> cuda when there is one, else cpu. With several processes, each takes GPU LOCAL_RANK of its node."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device = 'cuda' but PyTorch sees no CUDA device: use --device cpu (or auto)")
+    if name == "cuda" and world_size() > 1:
+        if _local_rank() >= torch.cuda.device_count():
+            raise UserError(f"local rank {_local_rank()} has no GPU: this node has {torch.cuda.device_count()}; "
+                            "launch at most that many processes per node (--nproc-per-node)")
+        return torch.device("cuda", _local_rank())
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, parallel: str):
+    """Join torchrun's process group for the duration (no group for one process with ddp). An error on any rank
+    is reported with the rank's number, and the process exits non-zero, so torchrun ends the whole job."""
+    world = world_size()
+    if world == 1 and parallel != "fsdp":
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:  # fsdp in one process, with or without torchrun: a group of one needs no rendezvous
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_TIMEOUT)
+    else:
+        dist.init_process_group(backend, timeout=_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    except UserError as e:  # the same mistake is usually seen by every rank: one line each, naming it
+        raise UserError(f"rank {rank()} of {world}: {e}" if world > 1 else str(e)) from None
+    except BaseException as e:
+        if world > 1:
+            what = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            print(f"\ntweetlm: rank {rank()} of {world} failed: {what}", file=sys.stderr, flush=True)  # \n: after a progress bar
+        raise  # no goodbye to the others: they may be gone; this process's exit ends the job
+    dist.barrier()  # gloo aborts a process that leaves while a peer still talks to it (seen 1 in 5 runs without)
+    dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over ranks, in place; x itself when there is no group."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def agree(value: float) -> float:
+    """Rank 0's value on every rank: decisions such as "the time budget is spent" must be the same everywhere,
+    or one rank stops while the others wait for it in a collective."""
+    if not is_distributed():
+        return value
+    x = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(x, src=0)
+    return x.item()
+
+
+# ---------------------------------------------------------------- the model across processes
+
+
+def parallelize(model: nn.Module, *, parallel: str, device: torch.device, compile: bool,
+                activation_checkpointing: bool) -> nn.Module:
+    """Wrap an initialized model, in place where the wrapper allows; returns what to call for training.
+    `model` itself stays the Llama to save, sample from and hand to optimizers (its parameters are DTensor
+    shards under fsdp). Order as in torchtitan: activation checkpointing, then data parallelism, then compile."""
+    if activation_checkpointing:  # recompute each block's activations in backward: memory O(1 block) for ~1/3 more compute
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    forward = model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        # bf16 weights for compute on CUDA, gradients reduced and kept in fp32 (torchtitan's default); fp32 on CPU
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
+        # One all-gather per block, freed after use: memory ~ 1/world of the model + 1 block. The root (embedding,
+        # tied output head, final norm) reshards after forward too, as in torchtitan: weights are then always
+        # the shards outside a forward or backward, also after an evaluation's forward-only pass.
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=precision)
+        fully_shard(model, mesh=mesh, mp_policy=precision, reshard_after_forward=True)
+    elif is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(forward) if compile else forward
+
+
+def grad_sync(forward: nn.Module, sync: bool):
+    """A context for one micro-batch's backward: DDP all-reduces gradients only when `sync` (the step's last
+    micro-batch) and accumulates locally before. FSDP reduce-scatters every micro-batch, which keeps gradient
+    memory sharded (torchtitan does the same)."""
+    ddp = getattr(forward, "_orig_mod", forward)  # under torch.compile
+    if not sync and isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns it as a plain scalar tensor (under fsdp, torch computes it over
+    the shards of all ranks and returns a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def param_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters under their names in Llama ("blocks.0.attention.wq.weight"), whatever parallelize wrapped."""
+    return {name.replace(_AC_PREFIX, ""): p for name, p in model.named_parameters()}
+
+
+def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A whole tensor as `target` holds it: itself, or this rank's shard when target is an FSDP DTensor.
+    Every rank holds `full`, so each cuts its own shard without communication."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    return full
+
+
+# ---------------------------------------------------------------- device and precision
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -70,9 +231,9 @@ def device_name(device: torch.device) -> str:
 
 
 def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s, where the figure comes from). CUDA: the data-sheet bf16 figure of a known card, None
-    for an unknown one. CPU: no data sheet fits a shared or virtual CPU, so it is measured once here as the
-    best fp32 matmul rate of 1024 x 1024 x 1024 products over 0.3 s (the first tries warm the
+    """(peak FLOP/s of this process's device, where the figure comes from). CUDA: the data-sheet bf16 figure of
+    a known card, None for an unknown one. CPU: no data sheet fits a shared or virtual CPU, so it is measured
+    once here as the best fp32 matmul rate of 1024 x 1024 x 1024 products over 0.3 s (the first tries warm the
     threads up; other processes on the machine make single tries slow, so the figure is approximate): MFU on CPU is relative to that."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -1,6 +1,8 @@
-"""train(cfg): the one training loop (pretraining today; fine-tuning passes its own batches).
+"""train(cfg): the one training loop (pretraining today; fine-tuning passes its own batches), in one process
+or in each of the processes torchrun starts (docs/distributed.md).
 
     tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/tiny --preset tiny --steps 200
+    torchrun --standalone --nproc-per-node 2 -m tweetlm train ... --parallel fsdp
 
 Each iteration, in order: maybe evaluate, maybe checkpoint, maybe write samples, stop?, micro-batches
 forward/backward, clip, step, log. The run folder RUN/ holds:
@@ -12,6 +14,8 @@ forward/backward, clip, step, log. The run folder RUN/ holds:
                     evaluation {step, tokens, val_loss, val_bpb}
     loss.png        train and val loss by step, redrawn at each evaluation
     samples.txt     a few posts written by the model at every samples_every steps and at the end
+With several processes, every rank trains on its share of each step's batch (batches.py) and writes its shards
+of the checkpoints; only rank 0 writes the rest of RUN/ and prints.
 """
 
 import json
@@ -35,16 +39,25 @@ from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.train.batches import TokenBatches, val_batches
 from tweetlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tweetlm.train.config import TrainConfig, check_resume, load_config, to_toml
-from tweetlm.train.dist import autocast, device_name, is_main, peak_flops, print0, resolve_device, seed_everything
+from tweetlm.train.dist import (agree, all_reduce_sum, autocast, barrier, clip_grad_norm, device_name, grad_sync,
+                                is_main, parallelize, peak_flops, print0, process_group, rank, resolve_device,
+                                seed_everything, world_size)
 from tweetlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     """Train to cfg.steps or cfg.time_budget; returns the final metrics. `resume` continues RUN from its
     latest checkpoint. `batches` replaces the token-shard stream: any object with next() -> (inputs, targets)
-    [B, T] and state_dict() / load_state_dict() (fine-tuning passes conversations with masked targets)."""
+    [B, T] and state_dict() / load_state_dict() (fine-tuning passes conversations with masked targets); with
+    several processes it yields this rank's share, as TokenBatches does, and its state is JSON."""
     device = resolve_device(cfg.device)
+    with process_group(device, cfg.parallel):
+        return _train(cfg, device, resume=resume, batches=batches)
+
+
+def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches) -> dict:
     seed_everything(cfg.seed, device)
+    world, grad_accum = world_size(), cfg.grad_accum_per_rank(world_size())
     run = Path(cfg.out)
     if resume and not (run / "config.toml").is_file():
         raise UserError(f"{run} is not a run folder (no config.toml): drop --resume to start a new run there")
@@ -57,18 +70,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     with torch.device("meta"):
         model = Llama(model_cfg)
     model.to_empty(device=device)
-    model.init_weights(generator=torch.Generator(device).manual_seed(cfg.seed))
-    optimizers = build_optimizers(model, cfg.optim, device)
+    model.init_weights(generator=torch.Generator(device).manual_seed(cfg.seed))  # the same weights on every rank
+    forward = parallelize(model, parallel=cfg.parallel, device=device, compile=cfg.compile,
+                          activation_checkpointing=cfg.activation_checkpointing)
+    optimizers = build_optimizers(model, cfg.optim, device)  # after parallelize: under fsdp they hold the shards
     seq_len, boundary = cfg.model.seq_len, index["boundary_id"]
     if batches is None:
         batches = TokenBatches(open_split(cfg.tokens, "train"), boundary_id=boundary, seq_len=seq_len,
-                               batch_size=cfg.micro_batch, seed=cfg.seed)
+                               batch_size=cfg.micro_batch, seed=cfg.seed, rank=rank(), world=world)
         coverage = batches.coverage()
         if coverage == 0:
             raise UserError(f"{cfg.tokens} has no train document followed by {seq_len} tokens: lower model.seq_len or add data")
         print0(f"train data: windows of {seq_len + 1} tokens from a document start cover {coverage:.0%} of the train tokens")
     val = val_batches(open_split(cfg.tokens, "val"), boundary_id=boundary, seq_len=seq_len,
-                      batch_size=cfg.micro_batch, max_tokens=cfg.eval.tokens)
+                      batch_size=cfg.micro_batch, max_tokens=cfg.eval.tokens, rank=rank(), world=world)
     if not val:
         raise UserError(f"{cfg.tokens} has no val document followed by {seq_len} tokens: lower model.seq_len or add val data")
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
@@ -80,14 +95,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         step, train_time, tokens_seen, last_val = state["step"], state["train_time"], state["tokens"], state["val"]
         print0(f"resumed from {checkpoint} (step {step})")
     start_step = step
-    forward = torch.compile(model) if cfg.compile else model
     model.train()
 
     flops_per_step = flops_per_token(model_cfg, seq_len) * cfg.batch_tokens
     peak, peak_source = peak_flops(device)
+    peak = peak * world if peak else None  # MFU is against all the devices of the run
+    processes = f" x {world} processes ({cfg.parallel})" if world > 1 else ""
     print0(f"model: {num_params(model_cfg):,} parameters ({model_cfg.depth} layers, dim {model_cfg.dim}); "
-           f"{cfg.grad_accum} x {cfg.micro_batch} x {seq_len} = {cfg.batch_tokens:,} tokens per step; "
-           f"{device_name(device)}, peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
+           f"{grad_accum} x {cfg.micro_batch} x {seq_len}{processes} = {cfg.batch_tokens:,} tokens per step; "
+           f"{device_name(device)}{' each' if world > 1 else ''}, peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
     bar = tqdm(total=1000, disable=not is_main(), bar_format="{l_bar}{bar}| {remaining} left{postfix}", mininterval=0.5)
     loss, session_tokens, session_time = float("nan"), 0, 0.0  # tokens/s over this session, first step left out
     while True:
@@ -99,8 +115,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         if (step % cfg.eval.every == 0 or last) and not done_before:
             last_val = evaluate(forward, val, token_bytes, device)
             evaluated = True
-            _log(run, {"step": step, "tokens": tokens_seen, **last_val})
-            _plot(run)
+            if is_main():
+                _log(run, {"step": step, "tokens": tokens_seen, **last_val})
+                _plot(run)
         if ((step % cfg.checkpoint.every == 0 and step > 0) or last) and not done_before:
             save_checkpoint(run, step=step, model=model, optimizers=optimizers, val=last_val if evaluated else None,
                             keep=cfg.checkpoint.keep, state={"loader": batches.state_dict(), "train_time": train_time,
@@ -113,24 +130,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         t0 = time.perf_counter()
         set_lr(optimizers, lr_multiplier(_progress(cfg, step + 1, train_time), cfg.optim))
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
+        for micro in range(grad_accum):
             inputs, targets = (t.to(device, non_blocking=True) for t in batches.next())
-            with autocast(device):
-                micro_loss = forward(inputs, targets)
-            (micro_loss / cfg.grad_accum).backward()
+            with grad_sync(forward, micro == grad_accum - 1):
+                with autocast(device):
+                    micro_loss = forward(inputs, targets)
+                (micro_loss / grad_accum).backward()  # ddp and fsdp average over ranks: the mean over the global batch
             loss_sum += micro_loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        loss = loss_sum.item() / cfg.grad_accum  # waits for the device, so dt is the step's real time
-        dt = time.perf_counter() - t0
+        loss = all_reduce_sum(loss_sum).item() / cfg.grad_accum  # waits for the device, so dt is the step's real time
+        dt = agree(time.perf_counter() - t0)  # rank 0's clock: every rank must see a time budget end on the same step
 
         step, train_time, tokens_seen = step + 1, train_time + dt, tokens_seen + cfg.batch_tokens
         if step > start_step + 1:
             session_tokens, session_time = session_tokens + cfg.batch_tokens, session_time + dt
         mfu = flops_per_step / dt / peak if peak else None
-        if step % cfg.log_every == 0:
+        if step % cfg.log_every == 0 and is_main():
             _log(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
                        "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
                        "mfu": mfu, "time": train_time})
@@ -150,7 +168,8 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], token_byte
     """{"val_loss": nats per target token, "val_bpb": bits per UTF-8 byte of the targets' text}.
     Every target counts in both, the boundary token too (it carries where a post ends; its text has 0 bytes),
     so bits-per-byte is the size the model would compress the text to, comparable across tokenizers.
-    Targets equal to IGNORE_INDEX count in neither."""
+    Targets equal to IGNORE_INDEX count in neither. With several processes, each scores its share of the
+    val set and the sums are added over ranks."""
     model.eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = torch.zeros((), dtype=torch.int64, device=device)
@@ -164,6 +183,7 @@ def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], token_byte
         n_tokens += counted.sum()
         n_bytes += torch.where(counted, token_bytes[targets.clamp(min=0)], 0).sum()
     model.train()
+    nats, n_tokens, n_bytes = (all_reduce_sum(x) for x in (nats, n_tokens, n_bytes))
     return {"val_loss": (nats / n_tokens).item(), "val_bpb": (nats / (math.log(2) * n_bytes)).item()}
 
 
@@ -177,7 +197,8 @@ def _progress(cfg: TrainConfig, step: int, train_time: float) -> float:
 @torch.no_grad()
 def _write_samples(run: Path, model: Llama, tokenizer: Tokenizer, *, step: int, n: int, seed: int,
                    device: torch.device, max_new_tokens: int = 48, temperature: float = 0.8) -> None:
-    """Append n fresh posts (sampled from the boundary token, no KV cache: a few short ones) to RUN/samples.txt."""
+    """Append n fresh posts (sampled from the boundary token, no KV cache: a few short ones) to RUN/samples.txt.
+    Every rank samples (under fsdp each forward needs them all); rank 0 writes."""
     model.eval()
     generator = torch.Generator(device).manual_seed(seed + step)
     ids = torch.full((n, 1), tokenizer.boundary_id, dtype=torch.long, device=device)  # [n, 1]
@@ -187,6 +208,8 @@ def _write_samples(run: Path, model: Llama, tokenizer: Tokenizer, *, step: int, 
         next_ids = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)  # [n, 1]
         ids = torch.cat([ids, next_ids], dim=1)
     model.train()
+    if not is_main():
+        return
     texts = []
     for row in ids[:, 1:].tolist():
         end = row.index(tokenizer.boundary_id) if tokenizer.boundary_id in row else len(row)
@@ -199,21 +222,31 @@ def _write_samples(run: Path, model: Llama, tokenizer: Tokenizer, *, step: int, 
 
 
 def _start_run(run: Path, cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, resume: bool) -> Path | None:
-    """Check RUN against `resume`, write config.toml, env.json and tokenizer.json; the checkpoint to resume from."""
+    """Check RUN against `resume`, write config.toml, env.json and tokenizer.json; the checkpoint to resume from.
+    Every rank checks (and sees the same files); rank 0 writes, the others wait for it."""
     checkpoint = None
     if resume:
         check_resume(load_config(run / "config.toml"), cfg)
         checkpoint = latest_checkpoint(run)
-        _trim_metrics(run, checkpoint_step=int(checkpoint.name.removeprefix("step-")) if checkpoint else -1)
     elif (run / "config.toml").exists():
         raise UserError(f"{run} already holds a run: pass --resume to continue it, or choose another --out")
+    barrier()  # every rank has looked before rank 0 writes
+    if is_main():
+        _write_run(run, cfg, tokenizer, device, checkpoint, resume)
+    barrier()
+    return checkpoint
+
+
+def _write_run(run: Path, cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, checkpoint: Path | None,
+               resume: bool) -> None:
+    if resume:
+        _trim_metrics(run, checkpoint_step=int(checkpoint.name.removeprefix("step-")) if checkpoint else -1)
     run.mkdir(parents=True, exist_ok=True)
     tmp = run / "config.toml.tmp"
     tmp.write_text(to_toml(cfg))
     os.replace(tmp, run / "config.toml")
     tokenizer.save(run)
     (run / "env.json").write_text(json.dumps(_environment(device, checkpoint), indent=1) + "\n")
-    return checkpoint
 
 
 def _environment(device: torch.device, resumed_from: Path | None) -> dict:
@@ -228,6 +261,7 @@ def _environment(device: torch.device, resumed_from: Path | None) -> dict:
     return {
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(), "platform": platform.platform(), "device": device_name(device),
+        "processes": world_size(),
         "packages": {p: metadata.version(p) for p in ("tweetlm", "torch", "numpy", "tokenizers", "safetensors")},
         "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from": str(resumed_from) if resumed_from else None,

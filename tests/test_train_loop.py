@@ -87,6 +87,20 @@ def test_run_folder_is_complete_and_self_sufficient(tiny_run, small_tokens, smal
     assert model(x).shape == (1, x.shape[1], tokenizer.vocab_size)
 
 
+def test_init_from_continues_from_that_runs_best_weights(tiny_run, small_tokens, tmp_path):
+    """Continued pretraining / fine-tuning start: shape and weights from a run, tokenizer from beside the shards."""
+    run, _ = tiny_run
+    best_val = min(r["val_loss"] for r in _records(run) if "val_loss" in r)
+    shape = {k: v for k, v in TINY.items() if k != "model.preset"}
+    out = tmp_path / "continued"
+    train(load_config(None, {"tokens": small_tokens, "out": out, "init_from": run, **shape, "steps": 2}))
+    first = next(r for r in _records(out) if "val_loss" in r)
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(best_val, rel=1e-6)  # not a fresh init (~6.9)
+    assert load_model(out)[0].config == load_model(run)[0].config
+    with pytest.raises(UserError, match="drop model.preset"):
+        load_config(None, {"tokens": small_tokens, "out": out, "init_from": run, **TINY})
+
+
 def test_golden_losses(tiny_run):
     """Habit 10: the tiny model's first losses at seed 0 are pinned, exactly on CPU with the same threads."""
     losses = [r["loss"] for r in _records(tiny_run[0]) if "loss" in r][:8]

@@ -126,7 +126,7 @@ def _train(a):
 
     # --resume starts from the run's own resolved config; flags and --set override either base
     base = Path(a.config) if a.config else Path(a.out) / "config.toml" if a.resume else None
-    overrides = {"tokens": a.tokens, "tokenizer": a.tokenizer, "out": a.out, "model.preset": a.preset,
+    overrides = {"tokens": a.tokens, "tokenizer": a.tokenizer, "init_from": a.init_from, "out": a.out, "model.preset": a.preset,
                  "model.depth": a.depth, "steps": a.steps, "time_budget": a.time_budget, "seed": a.seed,
                  "device": a.device, "compile": a.compile or None, "parallel": a.parallel, **parse_set(a.set)}
     train(load_config(base, overrides), resume=a.resume)
@@ -134,12 +134,16 @@ def _train(a):
 
 def _add_train(sub):
     p = _verb(sub, "train", "train a model on token shards; writes config, checkpoints, metrics.jsonl, loss.png and samples to RUN",
-              "tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/small --preset small --time-budget 5\n"
-              "  torchrun --standalone --nproc-per-node 8 -m tweetlm train --tokens work/tokens --tokenizer work/tokenizer "
+              "tweetlm train --tokens work/tokens --out runs/small --preset small --time-budget 5\n"
+              "  tweetlm train --tokens work/smol-tokens --out runs/smol-posts --init-from runs/smol --steps 1000\n"
+              "  torchrun --standalone --nproc-per-node 8 -m tweetlm train --tokens work/tokens "
               "--out runs/1b --preset 1b --steps 20000 --parallel fsdp --set optim.name=adamw --set optim.lr=0.003",
               _train)
     p.add_argument("--tokens", metavar="TOKENS", help="token shards from `tweetlm data tokenize`")
-    p.add_argument("--tokenizer", metavar="TOKENIZER", help="the tokenizer the shards were made with")
+    p.add_argument("--tokenizer", metavar="TOKENIZER", help="the tokenizer the shards were made with "
+                   "(default: the one `data tokenize` saved beside them)")
+    p.add_argument("--init-from", metavar="RUN", help="start from another run's best checkpoint (or an `import hf` run): "
+                   "its shape and weights, fresh optimizers")
     p.add_argument("--out", required=True, metavar="RUN", help="the run folder")
     p.add_argument("--config", metavar="FILE.toml", help="run config (see configs/); flags below override it")
     p.add_argument("--preset", help="model shape by name: tiny, small, 125m, 1b, 8b (default tiny)")

@@ -87,6 +87,7 @@ def tokenize(config: TokenizeConfig) -> dict:
 
     index = {"tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
              "boundary_id": tokenizer.boundary_id, "splits": {split: writers[split].close() for split in SPLITS}}
+    tokenizer.save(out)  # beside the shards, so `tweetlm train` needs no --tokenizer
     tmp = out / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp, out / "index.json")

@@ -114,8 +114,13 @@ class CheckpointConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     tokens: Path  # token shards folder (`tweetlm data tokenize`)
-    tokenizer: Path  # the tokenizer the shards were made with (folder or tokenizer.json); copied into the run
     out: Path  # the run folder
+    # The tokenizer the shards were made with (folder or tokenizer.json), copied into the run. Default: the one
+    # `data tokenize` saved beside the shards, else init_from's.
+    tokenizer: Path | None = None
+    # Start from another run's best checkpoint (or one checkpoint folder, or an `import hf` run): its shape and
+    # weights, with fresh optimizers at step 0 (continued pretraining, fine-tuning). [model] then sets seq_len only.
+    init_from: Path | None = None
     steps: int | None = None  # stop after this many optimizer steps ...
     time_budget: float | None = None  # ... or after this many minutes of training (whichever comes first)
     batch_tokens: int = 16_384  # tokens per optimizer step; gradient accumulation reaches it
@@ -145,6 +150,8 @@ class TrainConfig:
         _check(not (self.parallel == "fsdp" and self.optim.name == "muon"), "parallel", self.parallel,
                "fsdp needs optim.name = adamw (--set optim.name=adamw --set optim.lr=0.006): "
                "Muon needs whole matrices; use --parallel ddp to train with Muon")
+        _check(self.init_from is None or (self.model.preset is None and self.model.depth is None), "init_from",
+               self.init_from, "takes the model's shape from that run: drop model.preset / model.depth (--preset, --depth)")
         _check(self.micro_batch >= 1, "micro_batch", self.micro_batch, "must be a positive integer")
         _check(self.log_every >= 1, "log_every", self.log_every, "must be a positive integer")
         per_micro = self.micro_batch * self.model.seq_len
@@ -201,7 +208,7 @@ def _build(cls, raw: dict, prefix: str = ""):
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing: tokens or out
-        raise UserError(f"config is missing a required key ({e}): give --tokens, --tokenizer and --out, or set them in the TOML") from None
+        raise UserError(f"config is missing a required key ({e}): give --tokens and --out, or set them in the TOML") from None
 
 
 def _parse_value(text: str):

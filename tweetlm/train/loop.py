@@ -18,6 +18,7 @@ With several processes, every rank trains on its share of each step's batch (bat
 of the checkpoints; only rank 0 writes the rest of RUN/ and prints.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from tweetlm.model.llama import IGNORE_INDEX, Llama
 from tweetlm.model.sizing import flops_per_token, num_params
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.train.batches import TokenBatches, val_batches
-from tweetlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tweetlm.train.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from tweetlm.train.config import TrainConfig, check_resume, load_config, to_toml
 from tweetlm.train.dist import (agree, all_reduce_sum, autocast, barrier, clip_grad_norm, device_name, grad_sync,
                                 is_main, parallelize, peak_flops, print0, process_group, rank, resolve_device,
@@ -61,16 +62,25 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches) -> 
     run = Path(cfg.out)
     if resume and not (run / "config.toml").is_file():
         raise UserError(f"{run} is not a run folder (no config.toml): drop --resume to start a new run there")
-    tokenizer = Tokenizer.load(run / "tokenizer.json" if resume else cfg.tokenizer)  # a run keeps its own copy
+    base, base_tokenizer = load_model(cfg.init_from) if cfg.init_from else (None, None)
+    tokenizer = Tokenizer.load(run / "tokenizer.json") if resume else _tokenizer(cfg, base_tokenizer)  # a run keeps its own copy
     index = read_index(cfg.tokens)
     check_tokenizer(index, tokenizer)
-    model_cfg = cfg.model.resolve(vocab_size=tokenizer.vocab_size)
+    if base_tokenizer is not None and base_tokenizer.hash != tokenizer.hash:
+        raise UserError(f"init_from {cfg.init_from} was trained with another tokenizer than {cfg.tokens}: tokenize "
+                        f"with that run's tokenizer (`tweetlm data tokenize CORPUS --tokenizer {cfg.init_from}`)")
+    # A model started from another run keeps its shape (its vocabulary may be padded past the tokenizer's).
+    model_cfg = (dataclasses.replace(base.config, max_seq_len=cfg.model.seq_len) if base is not None
+                 else cfg.model.resolve(vocab_size=tokenizer.vocab_size))
     checkpoint = _start_run(run, cfg, tokenizer, device, resume)
 
     with torch.device("meta"):
         model = Llama(model_cfg)
     model.to_empty(device=device)
     model.init_weights(generator=torch.Generator(device).manual_seed(cfg.seed))  # the same weights on every rank
+    if base is not None and checkpoint is None:
+        model.load_state_dict(base.state_dict())
+    del base
     forward = parallelize(model, parallel=cfg.parallel, device=device, compile=cfg.compile,
                           activation_checkpointing=cfg.activation_checkpointing)
     optimizers = build_optimizers(model, cfg.optim, device)  # after parallelize: under fsdp they hold the shards
@@ -219,6 +229,17 @@ def _write_samples(run: Path, model: Llama, tokenizer: Tokenizer, *, step: int, 
 
 
 # ---------------------------------------------------------------- the run folder
+
+
+def _tokenizer(cfg: TrainConfig, base_tokenizer: Tokenizer | None) -> Tokenizer:
+    """--tokenizer, else the one `data tokenize` saved beside the shards, else init_from's."""
+    if cfg.tokenizer is not None:
+        return Tokenizer.load(cfg.tokenizer)
+    if (Path(cfg.tokens) / "tokenizer.json").is_file():
+        return Tokenizer.load(cfg.tokens)
+    if base_tokenizer is not None:
+        return base_tokenizer
+    raise UserError(f"{cfg.tokens} has no tokenizer.json beside its shards: give the tokenizer they were made with (--tokenizer)")
 
 
 def _start_run(run: Path, cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, resume: bool) -> Path | None:

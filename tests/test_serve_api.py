@@ -1,0 +1,436 @@
+"""`tweetlm serve`: the official openai client against a live server on a random local port, on a tiny
+model trained a few steps on real posts. Completions, chat, streaming, n > 1, stop, seed, logprobs,
+every error case, the API key, the limits, cancellation on disconnect, metrics, graceful shutdown,
+and `tweetlm chat` with the same template."""
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from test_tokenizer import DATA, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
+
+from tweetlm.cli import main
+from tweetlm.data.tokens import TokenizeConfig, tokenize
+from tweetlm.infer.engine import Engine, SamplingParams
+from tweetlm.serve.app import ServeLimits, create_app
+from tweetlm.serve.chat import ChatConfig, chat
+from tweetlm.serve.server import bind, uvicorn_server
+from tweetlm.tokenizer.chat import render_chat
+from tweetlm.train.checkpoint import load_model
+from tweetlm.train.config import load_config
+from tweetlm.train.loop import train
+
+CONTEXT = 512
+LONG = 300  # tokens: a reply this long is still running when its client leaves (~1 ms a token here)
+POSTS = [p.strip() for p in (DATA / "tweeteval" / "emotion" / "train_text.txt").read_text(encoding="utf-8").splitlines()[:20]]
+
+
+@pytest.fixture(scope="session")
+def served_run(small_corpus, small_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
+    """A run folder named tiny-chat: the tiny preset, 4 steps on real posts. Made once per session, though
+    test_serve_web.py imports this fixture too (pytest would otherwise run it once per module)."""
+    run = tmp_path_factory.getbasetemp() / "served" / "tiny-chat"
+    if (run / "checkpoints").is_dir():
+        return run
+    tokens = tmp_path_factory.mktemp("serve-tokens")
+    tokenize(TokenizeConfig(corpus=small_corpus, tokenizer=small_tokenizer, out=tokens))
+    train(load_config(None, {"tokens": tokens, "tokenizer": small_tokenizer, "out": run, "model.preset": "tiny",
+                             "model.seq_len": CONTEXT, "batch_tokens": 2 * CONTEXT, "micro_batch": 2, "steps": 4,
+                             "eval.tokens": CONTEXT, "log_every": 4}))
+    return run
+
+
+@pytest.fixture(scope="session")
+def long_prompts(served_run) -> dict:
+    """A real post to complete and one to answer after which greedy decoding runs LONG tokens without ending, found
+    on this machine's numerics: what the tests that need a request to run to max_tokens send."""
+    model, tokenizer = load_model(served_run)
+    end = SamplingParams(max_tokens=LONG, temperature=0, stop_token_ids=(tokenizer.token_id("<|end|>"),))
+    found = {}
+    with Engine(model, tokenizer, max_batch_size=len(POSTS)) as engine:
+        for kind, ids in (("prompt", lambda p: [tokenizer.boundary_id, *tokenizer.encode(p)]),
+                          ("message", lambda p: render_chat(tokenizer, [{"role": "user", "content": p}]))):
+            requests = [engine.submit(ids(p), end) for p in POSTS]
+            ends = [[d.finish_reason for d in r][-1] for r in requests]
+            found[kind] = next((p for p, e in zip(POSTS, ends) if e == "length"), None)
+    assert None not in found.values(), f"every post's greedy continuation ends early on this fixture model: {found}"
+    return found
+
+
+@contextmanager
+def live_server(run: Path, *, api_key: str | None = None, limits: ServeLimits = ServeLimits()):
+    """The app under uvicorn in a thread, on a free port: yields (base url, engine)."""
+    model, tokenizer = load_model(run)
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    app = create_app(engine, tokenizer, model_name=run.name, api_key=api_key, limits=limits)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn_server(app, limits, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(served_run):
+    with live_server(served_run) as (url, engine):
+        yield url, engine
+
+
+def _client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of one plain HTTP request: for what the openai client cannot send or hides."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, dict(response.headers), data
+
+
+def _wait_idle(engine, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while (stats := engine.stats())["running"] or stats["waiting"]:
+        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
+        time.sleep(0.01)
+    return stats
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_models_health_and_page(server, served_run):
+    url, _ = server
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    assert client.models.retrieve("tiny-chat").owned_by == "tweetlm"
+    assert _raw(url, "GET", "/health")[::2] == (200, b'{"status":"ok"}')
+    status, headers, page = _raw(url, "GET", "/")
+    assert status == 200 and b'src="/static/chat.js"' in page and headers["content-security-policy"] == "default-src 'self'"
+    assert _raw(url, "GET", "/static/chat.js")[0] == 200
+
+
+def test_completion_is_the_models_greedy_continuation(server, served_run, long_prompts):
+    url, _ = server
+    model, tokenizer = load_model(served_run)
+    prompt = long_prompts["prompt"]
+    ids = [tokenizer.boundary_id, *tokenizer.encode(prompt)]  # a completion is a new post, as `tweetlm generate`
+    naive = []
+    with torch.no_grad():  # greedy decoding the plain way: the whole sequence through the model at each step
+        for _ in range(12):
+            naive.append(model(torch.tensor([ids + naive]))[0, -1].argmax().item())
+
+    out = _client(url).completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].text == tokenizer.decode(naive) and out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+    assert out.object == "text_completion" and out.model == "tiny-chat" and out.id.startswith("cmpl-")
+
+    echo = _client(url).completions.create(model="tiny-chat", prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + out.choices[0].text
+
+    # several prompts: n choices each, in order
+    both = _client(url).completions.create(model="tiny-chat", prompt=[POSTS[1], prompt], max_tokens=12, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[1].text == out.choices[0].text
+
+
+def test_chat_streams_the_same_reply_with_usage(server, long_prompts):
+    url, _ = server
+    client = _client(url)
+    messages = [{"role": "user", "content": long_prompts["message"]}]
+    whole = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=16, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 16
+
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_completion_tokens=16,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and len([c for c in chunks if c.choices]) > 3  # streamed in pieces
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
+
+    # on the wire: server-sent events that end with [DONE]
+    body = json.dumps({"model": "tiny-chat", "messages": messages, "max_tokens": 4, "stream": True}).encode()
+    status, headers, data = _raw(url, "POST", "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert data.startswith(b"data: {") and data.endswith(b"data: [DONE]\n\n")
+
+
+def test_n_choices_and_seeds(server):
+    url, _ = server
+    client = _client(url)
+    ask = dict(model="tiny-chat", messages=[{"role": "user", "content": POSTS[3]}], max_tokens=10, temperature=1.0)
+    first = client.chat.completions.create(n=3, seed=7, **ask)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert 3 <= first.usage.completion_tokens <= 30
+    # the same seed gives the same choices, streamed or not, in any batch: choice i is seeded seed + i
+    again = client.chat.completions.create(n=3, seed=7, **ask)
+    assert [c.message.content for c in again.choices] == texts
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(n=2, seed=8, stream=True, **ask):
+        streamed[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert streamed[0] == texts[1]
+    assert client.chat.completions.create(n=1, seed=8, **ask).choices[0].message.content == texts[1]
+    assert client.chat.completions.create(n=1, seed=9, **ask).choices[0].message.content != texts[1]
+
+
+def test_stop_strings_end_the_text_before_them(server, long_prompts):
+    url, _ = server
+    client = _client(url)
+    ask = dict(model="tiny-chat", prompt=long_prompts["prompt"], max_tokens=20, temperature=0)
+    greedy = client.completions.create(**ask).choices[0].text
+    stop = greedy.strip()[3:5]
+    stopped = client.completions.create(stop=[stop, "never in this text"], **ask).choices[0]
+    assert stopped.text == greedy[:greedy.index(stop)] and stopped.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **ask))
+    assert streamed == stopped.text
+
+
+def test_logprobs_in_the_openai_shape(server, long_prompts):
+    url, _ = server
+    client = _client(url)
+    out = client.completions.create(model="tiny-chat", prompt=long_prompts["prompt"], max_tokens=8, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and logprob <= 0 and logprob == pytest.approx(max(top.values()))  # greedy: the likeliest
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+    chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": long_prompts["message"]}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6 and "".join(e.token for e in content) == chat.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+        assert e.bytes is None or bytes(e.bytes).decode() == e.token
+    plain = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _status_error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    return e.value
+
+
+@pytest.mark.parametrize("fields, status, param, code, says", [
+    ({"model": "gpt-4"}, 404, "model", "model_not_found", "`gpt-4` does not exist"),
+    ({"max_tokens": 0}, 400, "max_tokens", None, "greater than or equal to 1"),
+    ({"max_tokens": 10_000}, 400, "max_tokens", "context_length_exceeded", "context is 512 tokens"),
+    ({"prompt": " ".join(POSTS)}, 400, "prompt", "context_length_exceeded", "shorten the prompt"),
+    ({"temperature": "hot"}, 400, "temperature", None, "valid number"),
+    ({"temperature": 2.5}, 400, "temperature", None, "less than or equal to 2"),
+    ({"max_tokens": "10"}, 400, "max_tokens", None, "valid integer"),
+    ({"n": 17}, 400, "n", None, "less than or equal to 16"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4"),
+    ({"logprobs": 21}, 400, "logprobs", None, "less than or equal to 20"),
+    ({"echo": True, "logprobs": 1}, 400, None, None, "echo with logprobs"),
+    ({"stream_options": {"include_usage": True}}, 400, None, None, "only allowed when stream is true"),
+    ({"suffix": "!"}, 400, None, None, "`suffix` is not supported"),
+])
+def test_bad_completion_requests_are_4xx_error_objects(server, fields, status, param, code, says):
+    url, engine = server
+    before = engine.stats()["requests_total"]
+    body = {"model": "tiny-chat", "prompt": POSTS[6], "max_tokens": 4} | fields
+    e = _status_error(lambda: _client(url).completions.create(**body))
+    error = e.body  # the client unwraps {"error": {...}}
+    assert e.status_code == status and error["type"] == "invalid_request_error", e.body
+    assert (error["param"], error["code"]) == (param, code) and says in error["message"], error
+    assert engine.stats()["requests_total"] == before  # refused before anything was queued
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"messages": []}, "messages", "at least 1 item"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'system', 'developer', 'user' or 'assistant'"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid list"),
+    ({"messages": [{"role": "user", "content": "x " * 600}]}, "messages", "leaves no room for a reply"),
+    ({"top_logprobs": 2}, None, "only allowed when logprobs is true"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, None, "`tools` is not supported"),
+])
+def test_bad_chat_requests_are_400(server, fields, param, says):
+    url, _ = server
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]} | fields
+    e = _status_error(lambda: _client(url).chat.completions.create(**body))
+    assert e.status_code == 400 and e.body["param"] == param and says in e.body["message"], e.body
+
+
+def test_bad_bodies_and_paths_are_error_objects(server):
+    url, _ = server
+    ok = json.dumps({"model": "tiny-chat", "prompt": "hi", "max_tokens": 1}).encode()
+    for body, content_type, says in ((b'{"model": "tiny-chat", "prompt": "hi",', "application/json", "not valid JSON"),
+                                     (b"[1, 2]", "application/json", "must be a JSON object"),
+                                     (b"", "application/json", "must be a JSON object"),
+                                     (ok, "text/plain", "must be a JSON object")):  # what a cross-site form could send
+        status, _, data = _raw(url, "POST", "/v1/completions", body, {"Content-Type": content_type})
+        assert status == 400 and says in json.loads(data)["error"]["message"], data
+    big = json.dumps({"model": "tiny-chat", "prompt": "x" * (1 << 20)}).encode()
+    status, _, data = _raw(url, "POST", "/v1/completions", big)
+    assert status == 413 and json.loads(data)["error"]["code"] == "request_too_large"
+    status, _, data = _raw(url, "GET", "/v1/nope")
+    assert status == 404 and json.loads(data)["error"]["message"] == "no route GET /v1/nope"
+    assert _raw(url, "GET", "/v1/completions")[0] == 405
+
+
+def test_api_key(served_run):
+    with live_server(served_run, api_key="s3cret-key") as (url, _):
+        ask = dict(model="tiny-chat", prompt="hi", max_tokens=2)
+        for key in ("none", "s3cret-ke", "s3cret-key-and-more"):
+            e = _status_error(lambda: _client(url, key).completions.create(**ask))
+            assert e.status_code == 401 and e.body["code"] == "invalid_api_key"
+        assert _client(url, "s3cret-key").completions.create(**ask).choices[0].finish_reason == "length"
+        assert _raw(url, "GET", "/health")[0] == 200 and _raw(url, "GET", "/")[0] == 200  # open: a load balancer, the page
+        assert _raw(url, "GET", "/metrics")[0] == 401
+        assert _raw(url, "GET", "/metrics", headers={"Authorization": "Bearer s3cret-key"})[0] == 200
+
+
+def test_concurrency_limit_and_request_timeout(served_run, long_prompts):
+    with live_server(served_run, limits=ServeLimits(max_concurrent=1)) as (url, engine):
+        client = _client(url)
+        stream = client.completions.create(model="tiny-chat", prompt=long_prompts["prompt"], max_tokens=LONG,
+                                           temperature=0, stream=True)
+        next(iter(stream))  # the one allowed request is running
+        e = _status_error(lambda: client.completions.create(model="tiny-chat", prompt="hi", max_tokens=2))
+        assert e.status_code == 429 and e.body["code"] == "rate_limit_exceeded" and e.response.headers["retry-after"] == "1"
+        stream.close()
+        _wait_idle(engine)
+    # a limit far below one decoding step: plain requests get 408, a stream that started ends with an error event
+    with live_server(served_run, limits=ServeLimits(request_timeout=1e-6)) as (url, engine):
+        client = _client(url)
+        e = _status_error(lambda: client.completions.create(model="tiny-chat", prompt="hi", max_tokens=50))
+        assert e.status_code == 408 and e.body["code"] == "request_timeout"
+        with pytest.raises(openai.APIError, match="ran past the server's limit"):
+            list(client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=50, stream=True))
+        assert _wait_idle(engine)["completion_tokens_total"] < 20  # both were cancelled, 50 tokens short
+
+
+def _leave_early(url: str, body: dict, engine) -> None:
+    """Sends a request on a raw socket and closes it once the engine has it: after the first event of a stream."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    queued = engine.stats()["requests_total"]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        seen = b""
+        while body["stream"] and b"data: {" not in seen:
+            seen += sock.recv(4096)
+        while engine.stats()["requests_total"] == queued:
+            time.sleep(0.001)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot(server, long_prompts, stream):
+    url, engine = server
+    before = _wait_idle(engine)["completion_tokens_total"]
+    body = {"model": "tiny-chat", "prompt": long_prompts["prompt"], "max_tokens": LONG, "temperature": 0, "stream": stream}
+    _leave_early(url, body, engine)
+    after = _wait_idle(engine)["completion_tokens_total"]
+    assert after - before < LONG // 2, f"{after - before} of {LONG} tokens were decoded for a client that had left"
+
+
+def test_metrics(server):
+    url, engine = server
+    client = _client(url)
+    client.completions.create(model="tiny-chat", prompt="hi", max_tokens=3)
+    _status_error(lambda: client.completions.create(model="nope", prompt="hi"))
+    status, headers, data = _raw(url, "GET", "/metrics")
+    text = data.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values['tweetlm_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert values['tweetlm_requests_total{route="/v1/completions",status="404"}'] >= 1
+    stats = engine.stats()
+    assert values["tweetlm_completion_tokens_total"] == stats["completion_tokens_total"] >= 3
+    assert values["tweetlm_prompt_tokens_total"] == stats["prompt_tokens_total"]
+    assert values["tweetlm_queue_depth"] == 0 and values["tweetlm_running_batch_size"] == 0
+    assert values["tweetlm_requests_in_flight"] == 0
+    assert values['tweetlm_request_seconds_count{route="/v1/completions"}'] >= 2
+    assert values['tweetlm_time_to_first_token_seconds_bucket{le="+Inf"}'] == values["tweetlm_time_to_first_token_seconds_count"] >= 1
+
+
+# ---------------------------------------------------------------- the verbs
+
+
+def test_serve_verb_finishes_streams_on_sigterm(served_run, long_prompts):
+    proc = subprocess.Popen([sys.executable, "-m", "tweetlm", "serve", str(served_run), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny-chat (cpu, context 512 tokens) at http://127.0.0.1:"), line
+        url = line.split(" at ", 1)[1].split(": web chat", 1)[0]
+        stream = _client(url).completions.create(model="tiny-chat", prompt=long_prompts["prompt"], max_tokens=LONG,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = iter(stream)
+        next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(chunks)  # the stream in flight (~LONG ms of decoding to go) runs to its end
+        assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == LONG
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "server stopped" in out, err
+    finally:
+        proc.kill()
+
+
+def test_listening_socket_gets_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; without it every response waited ~40 ms for the
+    client's delayed ACK (docs/benchmarks.md). Checked on the socket, since tests assert no wall times."""
+    with bind("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+
+
+def test_serve_verb_errors_are_one_line(served_run, tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(served_run), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "holds no checkpoint" in err[0] and "cannot listen on 127.0.0.1" in err[1], err
+
+
+def test_terminal_chat_uses_the_servers_template(served_run, server, capsys):
+    lines = iter(["hello there", "/new", POSTS[7]])
+
+    def read(prompt):
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    chat(ChatConfig(run=served_run, system="Be brief.", max_tokens=12, temperature=0), read=read)
+    out = capsys.readouterr().out
+    replies = [line.split("bot> ", 1)[1] for line in out.splitlines() if "bot> " in line]
+    assert len(replies) == 2 and "(new conversation)" in out
+    # the second reply, after /new, is the API's reply to the system message and that one user message
+    api = _client(server[0]).chat.completions.create(
+        model="tiny-chat", max_tokens=12, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": POSTS[7].strip()}])
+    assert replies[1] == api.choices[0].message.content.split("\n")[0]

@@ -1,0 +1,169 @@
+"""The OpenAI wire format: request bodies (validated by pydantic) and the response objects, as plain dicts.
+
+Requests follow OpenAI's field names, defaults and ranges (platform.openai.com/docs/api-reference), plus
+`top_k` as vLLM has it (0 or -1: off). A field sent as null takes its default, as OpenAI does. Other
+OpenAI fields are ignored, except those that would change the answer and are not built (tools,
+functions, response_format, logit_bias, suffix): those are refused rather than silently dropped.
+"""
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_N = 16  # choices per request: each is one sequence in the engine's batch
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and the engine's limit
+_UNSUPPORTED = ("tools", "functions", "response_format", "logit_bias", "suffix")
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _one_or_many(value):
+    """OpenAI takes one string or a list of them; one list type keeps pydantic's errors plain (no union)."""
+    return [value] if isinstance(value, str) else value
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields both endpoints share. strict: "10" is not a number, 1 is not a boolean (as OpenAI)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Annotated[list[NonEmpty], BeforeValidator(_one_or_many)] = Field([], max_length=MAX_STOP)
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_unsupported(cls, data):
+        if not isinstance(data, dict):
+            return data  # pydantic then says it must be an object
+        for name in _UNSUPPORTED:
+            if data.get(name):
+                raise ValueError(f"`{name}` is not supported by this server; remove it")
+        return {k: v for k, v in data.items() if v is not None}
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions. A list of prompts gives n choices per prompt, indexed prompt * n + j."""
+
+    prompt: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _choices_and_echo(self):
+        if len(self.prompt) * self.n > MAX_N:
+            raise ValueError(f"{len(self.prompt)} prompts x n={self.n} is over the server's limit of {MAX_N} choices")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported: the server does not score prompt tokens")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: Annotated[list[TextPart], BeforeValidator(lambda c: [{"type": "text", "text": c}] if isinstance(c, str) else c)]
+
+    def as_template_message(self) -> dict:
+        text = "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Sampling):
+    """POST /v1/chat/completions. max_tokens unset: the reply may fill the rest of the context."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens, wins over it
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs is only allowed when logprobs is true")
+        return self
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object; the HTTP status carries the class (400, 401, 404, 408, 413, 429)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_list(model_name: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "tweetlm"}]}
+
+
+def _token_bytes(text: str) -> list[int] | None:
+    # a token that is part of a UTF-8 character decodes to U+FFFD alone: its bytes are unknown here (null, as OpenAI allows)
+    return None if "\ufffd" in text else list(text.encode())
+
+
+def chat_logprobs(entries: list, decode) -> list[dict]:
+    """OpenAI's chat `logprobs.content`: one entry per token with its top alternatives.
+    `entries` are the engine's TokenLogprob; `decode(id) -> str`."""
+    out = []
+    for e in entries:
+        token = decode(e.token_id)
+        top = [{"token": (t := decode(i)), "logprob": lp, "bytes": _token_bytes(t)} for i, lp in e.top]
+        out.append({"token": token, "logprob": e.logprob, "bytes": _token_bytes(token), "top_logprobs": top})
+    return out
+
+
+def completion_logprobs(entries: list, decode, offset: int) -> dict:
+    """OpenAI's legacy completions `logprobs`: parallel lists, `text_offset` counted from `offset`."""
+    tokens = [decode(e.token_id) for e in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{decode(i): lp for i, lp in e.top} for e in entries], "text_offset": offsets}

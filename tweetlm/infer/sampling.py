@@ -1,6 +1,76 @@
-"""Next-token choice from logits, as pure tensor functions."""
+"""Next-token choice: a request's sampling parameters and the tensor functions the engine applies to logits.
+
+Order per token, as OpenAI and vLLM: penalties on the logits -> logprobs taken there -> temperature -> top-k
+-> top-p -> draw. Every function works on one request's rows and draws from that request's own generator, so
+a request's tokens never depend on which other requests share its batch.
+"""
+
+import math
+from dataclasses import dataclass
 
 import torch
+
+from tweetlm.errors import UserError
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request samples and when it ends; each field is checked on construction (UserError)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 is off
+    top_k: int = 0  # 0 is off
+    seed: int | None = None  # same seed, same tokens: alone or in any batch
+    presence_penalty: float = 0.0  # OpenAI semantics, in [-2, 2]
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop strings: the request ends before them, they are not returned
+    stop_token_ids: tuple[int, ...] = ()  # end the request too (besides <|endoftext|>), e.g. <|end|> for chat
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k likeliest (k <= 20)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", tuple(self.stop))  # lists from JSON are welcome
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            _refuse("max_tokens", self.max_tokens, "an integer >= 1")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+            _refuse("temperature", self.temperature, "a number >= 0 (0 is greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            _refuse("top_p", self.top_p, "in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            _refuse("top_k", self.top_k, "an integer >= 0 (0 is off)")
+        if self.seed is not None and not _is_int(self.seed):
+            _refuse("seed", self.seed, "an integer or None")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                _refuse(name, value, "in [-2, 2]")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            _refuse("stop", self.stop, "non-empty strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            _refuse("stop_token_ids", self.stop_token_ids, "token ids >= 0")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            _refuse("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _refuse(field: str, value, need: str):
+    raise UserError(f"{field} must be {need}, got {value!r}")
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, *, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: logits [V] minus presence * (count > 0) + frequency * count, counts [V] of the
+    tokens generated so far (the prompt's do not count)."""
+    return logits - presence * (counts > 0) - frequency * counts
 
 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
@@ -14,9 +84,9 @@ def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
         # drop a token when the ones before it already reach top_p (the first token always stays)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -4,8 +4,10 @@ Token embedding -> depth x [RMSNorm -> grouped-query attention with rotary posit
 RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output head. No biases. Weights are laid out as in
 Hugging Face's LlamaForCausalLM (rotary on split halves, "rotate_half"), so export is a rename.
 
-Shape legend: B batch, T new tokens, S cached + new tokens, D dim, H query heads, K kv heads,
-Hd head dim, V vocabulary.
+This forward serves training, evaluation and reference. Decoding with a KV cache runs in infer/runner.py
+on the same weights and building blocks (rotary, apply_rotary), tested against this forward.
+
+Shape legend: B batch, T tokens, D dim, H query heads, K kv heads, Hd head dim, V vocabulary.
 """
 
 from dataclasses import dataclass
@@ -65,9 +67,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -75,7 +77,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, Hd]
@@ -83,11 +85,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k, v, mask = kv_cache.update(self.layer, k, v)  # [B, K, S, Hd] x2, mask [T, S] or None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
 
 
@@ -105,15 +103,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = Attention(cfg, layer)
+        self.attention = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -122,7 +120,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -146,18 +144,15 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None, reduction: str = "mean"):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean"):
         """tokens [B, T] -> logits [B, T, V] (fp32), or with targets [B, T] the cross-entropy loss:
         a scalar for reduction="mean", [B, T] for "none" (0 where targets == IGNORE_INDEX)."""
         B, T = tokens.shape
-        start = 0 if kv_cache is None else kv_cache.pos
-        assert start + T <= self.config.max_seq_len, f"{start + T} positions > max_seq_len {self.config.max_seq_len}"
-        cos, sin = rotary(torch.arange(start, start + T, device=tokens.device), self.config.head_dim, self.config.rope_theta)
+        assert T <= self.config.max_seq_len, f"{T} positions > max_seq_len {self.config.max_seq_len}"
+        cos, sin = rotary(torch.arange(T, device=tokens.device), self.config.head_dim, self.config.rope_theta)
         x = self.embed(tokens)  # [B, T, D]
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+            x = block(x, cos, sin)
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight if self.output is None else self.output.weight).float()  # [B, T, V]
         if targets is None:

@@ -1,0 +1,82 @@
+"""The decoder's forward for inference: model/llama.py's math over a KV cache, on the model's weights
+rearranged for decoding. model/llama.py stays the reference (training, evaluation, export); tests hold this
+forward's logits to its.
+
+What differs from Llama.forward, and why (small preset, batch 1, 2-core CPU):
+- q/k/v and gate/up are each one matrix (7 -> 4 matmuls per block): a decode step is a few hundred small
+  ops, each with microseconds of overhead, so fewer ops is the speed.
+- On CPU in fp32 the matrices are prepacked for oneDNN (`mkldnn._reorder_linear_weight`, as inductor's
+  freezing does) and multiplied by `mkldnn._linear_pointwise`. This is what makes batches invariant:
+  MKL's sgemm (F.linear) rounds a row differently with the number of rows M (measured classes M = 1,
+  M = 2-3, rows of a partial block of 4 when M < 12), while the packed oneDNN product gave the same bits
+  for every row at every M from 1 to 1100 tried, at 1, 2, 4 and 8 threads. It is also faster from M = 2 up
+  (M = 8: 0.66 vs 1.5 ms per step of matmuls). Elsewhere (CUDA, other dtypes) plain F.linear is used and
+  batch invariance is not promised.
+- SiLU is written out as x / (1 + exp(-x)): F.silu's vectorized and scalar loops round differently
+  (838 of 20,000 values), so a value's result depended on where it fell in the tensor, i.e. on the batch;
+  exp, division and the other elementwise ops used here agree bitwise in both loops.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tweetlm.infer.kv_cache import Batch, KVCache
+from tweetlm.model.llama import Llama, apply_rotary
+
+
+class Runner:
+    """Holds the model's weights, fused and packed; `forward` runs one step of rows (see kv_cache.Batch)."""
+
+    def __init__(self, model: Llama):
+        self.config = cfg = model.config
+        weight = model.embed.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self._packed = self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        self.embed = weight.detach()
+        self.layers = []
+        for block in model.blocks:
+            a, m = block.attention, block.mlp
+            self.layers.append({
+                "attention_norm": block.attention_norm.weight.detach(),
+                "wqkv": self._matrix(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])),
+                "q_norm": a.q_norm.weight.detach() if cfg.qk_norm else None,
+                "k_norm": a.k_norm.weight.detach() if cfg.qk_norm else None,
+                "wo": self._matrix(a.wo.weight),
+                "mlp_norm": block.mlp_norm.weight.detach(),
+                "w13": self._matrix(torch.cat([m.w1.weight, m.w3.weight])),
+                "w2": self._matrix(m.w2.weight),
+            })
+        self.norm = model.norm.weight.detach()
+        self.head = self._matrix(weight if model.output is None else model.output.weight)
+
+    def _matrix(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.detach().contiguous()
+        # the batch-size hint only picks the packed layout; every M gives the same bits with any of 2, 8, 32
+        return torch.ops.mkldnn._reorder_linear_weight(w, 8) if self._packed else w
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self._packed:
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return F.linear(x, w)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """tokens [N] (the rows' new tokens, flat) -> logits [R, V] fp32 at each row's last token.
+        Shapes: N tokens, R rows, D dim, H query heads, K kv heads, Hd head dim."""
+        cfg = self.config
+        H, K, Hd, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+        cos, sin = cache.rotary(batch)  # [N, 1, Hd]
+        x = F.embedding(tokens, self.embed)  # [N, D]
+        for i, layer in enumerate(self.layers):
+            qkv = self._linear(F.rms_norm(x, (cfg.dim,), layer["attention_norm"], eps), layer["wqkv"])
+            qkv = qkv.view(-1, H + 2 * K, Hd)  # [N, H + 2K, Hd]
+            qk, v = qkv[:, :H + K], qkv[:, H + K:]
+            if cfg.qk_norm:
+                qk = torch.cat((F.rms_norm(qk[:, :H], (Hd,), layer["q_norm"], eps),
+                                F.rms_norm(qk[:, H:], (Hd,), layer["k_norm"], eps)), dim=1)
+            q, k = apply_rotary(qk, cos, sin).split((H, K), dim=1)  # [N, H, Hd], [N, K, Hd]
+            x = x + self._linear(cache.attend(i, q, k, v, batch), layer["wo"])
+            gate, up = self._linear(F.rms_norm(x, (cfg.dim,), layer["mlp_norm"], eps), layer["w13"]).chunk(2, dim=-1)
+            x = x + self._linear(gate / (1 + torch.exp(-gate)) * up, layer["w2"])  # SiLU(gate) * up
+        x = F.rms_norm(x[batch.last], (cfg.dim,), self.norm, eps)  # [R, D]: only the rows' last tokens need logits
+        return self._linear(x, self.head).float()  # [R, V]

@@ -93,6 +93,25 @@ class Request:
         self._ready = threading.Condition()
         self._wake = None  # set by an async consumer: wakes its event loop
 
+    def _append(self, token: int, logprob: TokenLogprob | None) -> Delta:
+        """Engine thread: take a sampled token, return its Delta (finish_reason set when this one ends it)."""
+        self._ids.append(token)
+        self.completion_tokens += 1
+        if self._counts is not None:
+            self._counts[token] += 1
+        finish, text = None, ""
+        if token in self._end_ids:
+            finish = "stop"
+            text = self._text.flush() if self._text else ""
+        else:
+            text = self._text.push(token) if self._text else ""
+            if self._text and self._text.stopped:
+                finish = "stop"
+            elif self.completion_tokens == self.params.max_tokens:
+                finish = "length"
+                text += self._text.flush() if self._text else ""
+        return Delta(text, [token], [logprob] if logprob else [], finish)
+
     def cancel(self) -> None:
         """The client went away: the engine frees this request's cache slot before its next step."""
         self._engine._cancel(self)
@@ -250,15 +269,16 @@ class Engine:
         # idle workers to sleep, so every parallel region (~30 per decode step) waits for a wake-up. Measured on
         # the small preset, 2 cores, batch 1: a step took 0.95 ms in the only computing thread and 2.3 ms
         # in a second one. Serving, the caller's thread (the event loop) then never starts a team.
-        try:
-            self._runner = Runner(model)
-            self._cache = KVCache(model.config, slots, self.max_seq_len, dtype=self._runner.dtype, device=self._device)
-        except BaseException as e:
-            self._error = e
-            return
-        finally:
-            ready.set()
-        self._loop()
+        with torch.inference_mode():  # no autograd bookkeeping on any op of this thread
+            try:
+                self._runner = Runner(model)
+                self._cache = KVCache(model.config, slots, self.max_seq_len, dtype=self._runner.dtype, device=self._device)
+            except BaseException as e:
+                self._error = e
+                return
+            finally:
+                ready.set()
+            self._loop()
 
     def _loop(self) -> None:
         try:
@@ -301,9 +321,8 @@ class Engine:
                     continue
                 prefill += n
             rows.append((r, n))
-        device = self._runner.device
-        tokens = torch.tensor([t for r, n in rows for t in r._ids[r._cached:r._cached + n]], device=device)
-        batch = Batch([r._slot for r, _ in rows], [r._cached for r, _ in rows], [n for _, n in rows], device=device)
+        tokens = torch.tensor([t for r, n in rows for t in r._ids[r._cached:r._cached + n]], device=self._device)
+        batch = Batch(self._cache, [r._slot for r, _ in rows], [r._cached for r, _ in rows], [n for _, n in rows])
         logits = self._runner.forward(tokens, batch, self._cache)  # [R, V]
         for r, n in rows:
             r._cached += n
@@ -311,33 +330,14 @@ class Engine:
         if ready:
             requests = [rows[i][0] for i in ready]
             next_ids, logprobs = _choose(logits[ready] if len(ready) < len(rows) else logits, requests)
-            for r, token, lp in zip(requests, next_ids, logprobs):
-                self._advance(r, token, lp)
-
-    def _advance(self, r: Request, token: int, logprob: "TokenLogprob | None") -> None:
-        """Append a sampled token to its request, stream it, end the request if it is done."""
-        r._ids.append(token)
-        r.completion_tokens += 1
-        if r._counts is not None:
-            r._counts[token] += 1
-        finish, text = None, ""
-        if token in r._end_ids:
-            finish = "stop"
-            text = r._text.flush() if r._text else ""
-        else:
-            text = r._text.push(token) if r._text else ""
-            if r._text and r._text.stopped:
-                finish = "stop"
-            elif r.completion_tokens == r.params.max_tokens:
-                finish = "length"
-                text += r._text.flush() if r._text else ""
-        delta = Delta(text, [token], [logprob] if logprob else [], finish)
-        with self._cond:
-            self._totals["completion_tokens_total"] += 1
-            if finish is None:
-                r._put(delta)
-            else:
-                self._release(r, delta)
+            deltas = [r._append(token, lp) for r, token, lp in zip(requests, next_ids, logprobs)]
+            with self._cond:
+                self._totals["completion_tokens_total"] += len(deltas)
+                for r, delta in zip(requests, deltas):
+                    if delta.finish_reason is None:
+                        r._put(delta)
+                    else:
+                        self._release(r, delta)
 
 
 def _choose(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:

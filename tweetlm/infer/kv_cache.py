@@ -16,26 +16,6 @@ import torch.nn.functional as F
 from tweetlm.model.llama import ModelConfig, rotary
 
 
-class Batch:
-    """The rows of one forward, with the index tensors every layer shares, built once per step."""
-
-    def __init__(self, slots: list[int], starts: list[int], lengths: list[int], *, device: torch.device):
-        assert len(slots) == len(starts) == len(lengths) and min(lengths) >= 1, (slots, starts, lengths)
-        self.rows = []  # (slot, start, length, offset of the row's first token in the flat layout)
-        positions, token_slots, offset = [], [], 0
-        for slot, start, n in zip(slots, starts, lengths):
-            self.rows.append((slot, start, n, offset))
-            positions += range(start, start + n)
-            token_slots += [slot] * n
-            offset += n
-        self.positions = torch.tensor(positions, device=device)  # [N] each token's position in its sequence
-        self.token_slots = torch.tensor(token_slots, device=device)  # [N] each token's cache slot
-        self.last = torch.tensor([off + n - 1 for _, _, n, off in self.rows], device=device)  # [R] each row's last token
-        # a chunk after the first attends to the cached tokens before it and causally within itself: [n, start + n]
-        self.masks = {i: torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
-                      for i, (_, start, n, _) in enumerate(self.rows) if n > 1 and start > 0}
-
-
 class KVCache:
     """Keys and values [depth, slots, K, max_len, Hd]. Allocated with torch.empty: memory is touched only as
     sequences grow, and a row never reads past its own length, so stale values from an earlier request in
@@ -45,25 +25,49 @@ class KVCache:
         shape = (cfg.depth, slots, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        # rotary tables [max_len, Hd], once: a step looks its positions up instead of recomputing cos and sin
-        self.cos, self.sin = rotary(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta)
+        # rotary tables [max_len, Hd], once: a step looks its positions up instead of recomputing cos and sin.
+        # sin's first half is negated, so that rotating is x * cos + x.roll(Hd / 2) * sin, the same numbers as
+        # llama.apply_rotary's x * cos + cat(-x2, x1) * sin (a sign flip is exact) in 4 ops instead of 7.
+        self.cos, sin = rotary(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta)
+        self.sin = torch.cat((-sin[:, :cfg.head_dim // 2], sin[:, cfg.head_dim // 2:]), dim=-1)
 
-    def rotary(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [N, 1, Hd] at each token's position, broadcast over heads."""
-        return self.cos[batch.positions][:, None, :], self.sin[batch.positions][:, None, :]
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: "Batch") -> torch.Tensor:
         """Store the new tokens' k, v [N, K, Hd] in their slots, then attend with q [N, H, Hd] row by row over
         each row's own cached tokens. Returns [N, H * Hd]."""
-        keys, values = self.k[layer], self.v[layer]  # [slots, K, max_len, Hd]
-        keys[batch.token_slots, :, batch.positions] = k
-        values[batch.token_slots, :, batch.positions] = v
-        out = []
-        for i, (slot, start, n, off) in enumerate(batch.rows):
-            end = start + n
-            y = F.scaled_dot_product_attention(
-                q[None, off:off + n].transpose(1, 2),  # [1, H, n, Hd]
-                keys[slot:slot + 1, :, :end], values[slot:slot + 1, :, :end],  # [1, K, end, Hd]
-                attn_mask=batch.masks.get(i), is_causal=n > 1 and start == 0, enable_gqa=True)
-            out.append(y.transpose(1, 2).reshape(n, -1))  # [n, H * Hd]
-        return torch.cat(out) if len(out) > 1 else out[0]
+        self.k[layer][batch.token_slots, :, batch.positions] = k
+        self.v[layer][batch.token_slots, :, batch.positions] = v
+        queries = q.transpose(0, 1)[None].split(batch.lengths, dim=2)  # per row [1, H, n, Hd]
+        out = [F.scaled_dot_product_attention(queries[i], keys[layer], values[layer], attn_mask=mask, is_causal=causal,
+                                              enable_gqa=True)
+               for i, (keys, values, mask, causal) in enumerate(zip(batch.keys, batch.values, batch.masks, batch.causal))]
+        y = torch.cat(out, dim=2) if len(out) > 1 else out[0]  # [1, H, N, Hd]
+        return y[0].transpose(0, 1).reshape(q.shape[0], -1)  # [N, H * Hd]
+
+
+class Batch:
+    """The rows of one forward and what all its layers share, built once per step: row i feeds lengths[i] new
+    tokens to the sequence in cache slot slots[i], which holds starts[i] tokens already."""
+
+    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int]):
+        assert len(slots) == len(starts) == len(lengths) and min(lengths) >= 1, (slots, starts, lengths)
+        device = cache.k.device
+        self.lengths = lengths
+        positions, token_slots, last = [], [], []
+        for slot, start, n in zip(slots, starts, lengths):
+            positions += range(start, start + n)
+            token_slots += [slot] * n
+            last.append(len(positions) - 1)
+        self.positions = torch.tensor(positions, device=device)  # [N] each token's position in its sequence
+        self.token_slots = torch.tensor(token_slots, device=device)  # [N] each token's cache slot
+        # [R] each row's last token; None when every row feeds one token (decoding), so all of them are last
+        self.last = None if len(last) == len(positions) else torch.tensor(last, device=device)
+        self.cos = cache.cos[self.positions][:, None, :]  # [N, 1, Hd], broadcast over heads
+        self.sin = cache.sin[self.positions][:, None, :]
+        # each row's keys and values, new tokens included, as one view [1, K, start + n, Hd] per layer
+        self.keys = [cache.k[:, s:s + 1, :, :start + n].unbind(0) for s, start, n in zip(slots, starts, lengths)]
+        self.values = [cache.v[:, s:s + 1, :, :start + n].unbind(0) for s, start, n in zip(slots, starts, lengths)]
+        # a first chunk is causal; a later one attends to the cached tokens before it and causally within
+        # itself: mask [n, start + n]; a single token sees everything
+        self.causal = [n > 1 and start == 0 for start, n in zip(starts, lengths)]
+        self.masks = [torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
+                      if n > 1 and start > 0 else None for start, n in zip(starts, lengths)]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tweetlm.infer.kv_cache import Batch, KVCache
-from tweetlm.model.llama import Llama, apply_rotary
+from tweetlm.model.llama import Llama
 
 
 class Runner:
@@ -59,13 +59,12 @@ class Runner:
             return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         return F.linear(x, w)
 
-    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
-        """tokens [N] (the rows' new tokens, flat) -> logits [R, V] fp32 at each row's last token.
-        Shapes: N tokens, R rows, D dim, H query heads, K kv heads, Hd head dim."""
+        """tokens [N] (the rows' new tokens, flat) -> logits [R, V] fp32 at each row's last token. Call it under
+        torch.inference_mode() (the engine's thread runs in it). Shapes: N tokens, R rows, D dim, H query heads,
+        K kv heads, Hd head dim."""
         cfg = self.config
         H, K, Hd, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
-        cos, sin = cache.rotary(batch)  # [N, 1, Hd]
         x = F.embedding(tokens, self.embed)  # [N, D]
         for i, layer in enumerate(self.layers):
             qkv = self._linear(F.rms_norm(x, (cfg.dim,), layer["attention_norm"], eps), layer["wqkv"])
@@ -74,9 +73,11 @@ class Runner:
             if cfg.qk_norm:
                 qk = torch.cat((F.rms_norm(qk[:, :H], (Hd,), layer["q_norm"], eps),
                                 F.rms_norm(qk[:, H:], (Hd,), layer["k_norm"], eps)), dim=1)
-            q, k = apply_rotary(qk, cos, sin).split((H, K), dim=1)  # [N, H, Hd], [N, K, Hd]
-            x = x + self._linear(cache.attend(i, q, k, v, batch), layer["wo"])
+            q, k = (qk * batch.cos + qk.roll(Hd // 2, -1) * batch.sin).split((H, K), dim=1)  # rotary (kv_cache.py)
+            x += self._linear(cache.attend(i, q, k, v, batch), layer["wo"])
             gate, up = self._linear(F.rms_norm(x, (cfg.dim,), layer["mlp_norm"], eps), layer["w13"]).chunk(2, dim=-1)
-            x = x + self._linear(gate / (1 + torch.exp(-gate)) * up, layer["w2"])  # SiLU(gate) * up
-        x = F.rms_norm(x[batch.last], (cfg.dim,), self.norm, eps)  # [R, D]: only the rows' last tokens need logits
+            x += self._linear(gate / (1 + torch.exp(-gate)) * up, layer["w2"])  # SiLU(gate) * up
+        if batch.last is not None:  # only the rows' last tokens need logits
+            x = x[batch.last]  # [R, D]
+        x = F.rms_norm(x, (cfg.dim,), self.norm, eps)
         return self._linear(x, self.head).float()  # [R, V]

@@ -5,7 +5,7 @@ RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> output head. No biases. Weights
 Hugging Face's LlamaForCausalLM (rotary on split halves, "rotate_half"), so export is a rename.
 
 This forward serves training, evaluation and reference. Decoding with a KV cache runs in infer/runner.py
-on the same weights and building blocks (rotary, apply_rotary), tested against this forward.
+on the same weights and rotary tables, tested against this forward.
 
 Shape legend: B batch, T tokens, D dim, H query heads, K kv heads, Hd head dim, V vocabulary.
 """

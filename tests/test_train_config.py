@@ -35,7 +35,7 @@ def test_example_configs_load(name):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"optim.lrr": 1}, "unknown config key 'optim.lrr': valid keys in [optim] are name, lr, matrix_lr"),
-    ({"stepz": 1}, "unknown config key 'stepz': valid keys are tokens, tokenizer, out, steps"),
+    ({"stepz": 1}, "unknown config key 'stepz': valid keys are tokens, out, tokenizer, init_from, steps"),
     ({"optim.lr": "fast"}, "optim.lr = 'fast': must be a number"),
     ({"steps": True}, "steps = True: must be an integer"),
     ({"steps": None}, "no stopping rule"),

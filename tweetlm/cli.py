@@ -37,11 +37,13 @@ def _verb(sub, name: str, help: str, example: str, run) -> argparse.ArgumentPars
 def _data_prepare(a):
     from tweetlm.data.prepare import PrepareConfig, prepare
 
+    toxic, threshold = _safety_spec(a.drop_toxic) if a.drop_toxic else (None, None)
     prepare(PrepareConfig(
         inputs=tuple(a.inputs), out=Path(a.out), workers=a.workers, lang=tuple(c.strip() for c in a.lang.split(",") if c.strip()),
         min_chars=a.min_chars, max_chars=a.max_chars, keep_reposts=a.keep_reposts, drop_spam=not a.keep_spam,
         drop_top_authors=a.drop_top_authors, near_dup_threshold=a.near_dup, near_dup_mb=a.near_dup_mb, val_ratio=a.val_ratio,
         test_ratio=a.test_ratio, mentions=not a.keep_mentions, links=not a.keep_links, seed=a.seed,
+        drop_toxic=toxic, toxic_threshold=threshold,
     ))
 
 
@@ -55,6 +57,12 @@ def _data_fetch(a):
     from tweetlm.data.fetch import fetch_tweeteval
 
     fetch_tweeteval(out=Path(a.out), local=Path(a.from_dir) if a.from_dir else None)
+
+
+def _data_threads(a):
+    from tweetlm.data.threads import ThreadsConfig, threads
+
+    threads(ThreadsConfig(corpus=Path(a.corpus), out=Path(a.out), split=a.split))
 
 
 def _add_data(sub):
@@ -84,6 +92,8 @@ def _add_data(sub):
     p.add_argument("--keep-mentions", action="store_true", help="keep @handles (default: replace with @user)")
     p.add_argument("--keep-links", action="store_true", help="keep URLs (default: replace with http)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split hash and MinHash (default 0)")
+    p.add_argument("--drop-toxic", metavar="SAFETY[:THRESHOLD]", help="drop posts that a `tweetlm safety train` "
+                   "classifier scores toxic, at its own threshold or THRESHOLD (in (0, 1])")
 
     p = _verb(dsub, "tokenize", "turn a corpus into memory-mappable token shards per split",
               "tweetlm data tokenize work/corpus --tokenizer work/tokenizer --out work/tokens --workers 2", _data_tokenize)
@@ -96,6 +106,12 @@ def _add_data(sub):
               "tweetlm data fetch --from ../shared/data/tweeteval --out work/tweeteval", _data_fetch)
     p.add_argument("--out", required=True, metavar="DIR", help="where to put the files")
     p.add_argument("--from", dest="from_dir", metavar="DIR", help="copy from this local TweetEval folder instead of downloading")
+
+    p = _verb(dsub, "threads", "rebuild reply threads and write each root-to-leaf path as a chat conversation (OpenAI messages, JSONL)",
+              "tweetlm data threads work/corpus --out work/conversations.jsonl --split train", _data_threads)
+    p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
+    p.add_argument("--out", required=True, metavar="CONVERSATIONS.jsonl", help="output file, one conversation a line")
+    p.add_argument("--split", default="train", choices=("train", "val", "test", "all"), help="which split's threads (default train)")
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -159,6 +175,85 @@ def _add_train(sub):
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint, with its config.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set optim.lr=0.01 --set model.seq_len=128 (repeatable)")
+
+
+# ---------------------------------------------------------------- eval and safety
+
+
+def _eval_tweeteval(a):
+    from tweetlm.eval.tweeteval import TweetEvalConfig, tweeteval
+
+    out = a.out or (Path(a.run_dir) / f"tweeteval-{a.split}" if a.run_dir else Path(f"tweeteval-{a.split}"))
+    tweeteval(TweetEvalConfig(data=Path(a.data), out=Path(out), split=a.split, run=Path(a.run_dir) if a.run_dir else None,
+                              model=a.model, tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()),
+                              max_train_examples=a.max_train_examples, seed=a.seed))
+
+
+def _eval_bpb(a):
+    from tweetlm.eval.bpb import BpbConfig, bpb
+
+    bpb(BpbConfig(run=Path(a.run_dir), text=Path(a.text) if a.text else None, corpus=Path(a.corpus) if a.corpus else None,
+                  split=a.split, window=a.window, batch_size=a.batch_size, device=a.device))
+
+
+def _safety_spec(spec: str) -> tuple[Path, float | None]:
+    from tweetlm.eval.safety import parse_spec
+
+    return parse_spec(spec)
+
+
+def _safety_train(a):
+    from tweetlm.eval.safety import SafetyConfig, train_safety
+
+    train_safety(SafetyConfig(data=Path(a.data), out=Path(a.out), max_train_examples=a.max_train_examples, seed=a.seed))
+
+
+def _add_eval(sub):
+    ev = sub.add_parser("eval", help="evaluate: TweetEval classification, bits per byte", formatter_class=_formatter)
+    esub = ev.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _verb(esub, "tweeteval", "TweetEval's six tasks: train per task, predict a split in the benchmark's format, "
+              "official metrics beside the published rows",
+              "tweetlm eval tweeteval --model tfidf --data ../shared/data/tweeteval --split val --out work/tweeteval",
+              _eval_tweeteval)
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help="a run folder to fine-tune per task (not built yet: "
+                   "use --model tfidf)")
+    p.add_argument("--model", choices=("tfidf",), help="a built-in model instead of RUN: tfidf, TF-IDF n-grams + "
+                   "logistic regression (the floor baseline)")
+    p.add_argument("--data", required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
+                   "(emoji/, emotion/, ... stance/TARGET/), e.g. ../shared/data/tweeteval")
+    p.add_argument("--split", default="val", choices=("val", "test"), help="the split to predict and score (default val)")
+    p.add_argument("--tasks", default="emoji,emotion,hate,irony,offensive,stance", metavar="TASKS",
+                   help="comma-separated (default: all six)")
+    p.add_argument("--out", metavar="DIR", help="predictions (DIR/MODEL/TASK.txt) and scores.json "
+                   "(default RUN/tweeteval-SPLIT, or ./tweeteval-SPLIT with --model)")
+    p.add_argument("--max-train-examples", type=int, metavar="N", help="train on a seeded sample of N posts per task, "
+                   "for quick runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
+
+    p = _verb(esub, "bpb", "bits per UTF-8 byte of a run on a text file (one post per line) or a corpus split",
+              "tweetlm eval bpb work/demo/run --corpus work/demo/corpus --split val", _eval_bpb)
+    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
+    p.add_argument("--text", metavar="FILE", help="a UTF-8 text file, one post per line (taken as it is)")
+    p.add_argument("--corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare` (its clean_text)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="the corpus split (default val)")
+    p.add_argument("--window", type=int, metavar="TOKENS", help="tokens of context per window (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
+def _add_safety(sub):
+    sf = sub.add_parser("safety", help="the toxicity classifier behind --drop-toxic and --moderate",
+                        formatter_class=_formatter)
+    ssub = sf.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _verb(ssub, "train", "train a toxicity classifier (offensive or hateful vs neither) on TweetEval's offensive "
+              "and hate train splits; prints val F1 beside a majority baseline",
+              "tweetlm safety train --data ../shared/data/tweeteval --out work/safety", _safety_train)
+    p.add_argument("--data", required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
+                   "(offensive/ and hate/ are read), e.g. ../shared/data/tweeteval")
+    p.add_argument("--out", required=True, metavar="SAFETY", help="output folder (safety.json, weights.safetensors)")
+    p.add_argument("--max-train-examples", type=int, metavar="N", help="a seeded sample of N posts of each set, "
+                   "for quick runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
 
 
 # ---------------------------------------------------------------- model and generation
@@ -298,8 +393,10 @@ def _serve(a):
             raise UserError(f"cannot read --api-key-file {a.api_key_file}: {e.strerror}") from None
     limits = ServeLimits(max_body_bytes=a.max_body_kb * 1024, max_concurrent=a.max_concurrent,
                          request_timeout=a.request_timeout)
+    moderate, threshold = _safety_spec(a.moderate) if a.moderate else (None, None)
     serve(ServeConfig(run=Path(a.run_dir), host=a.host, port=a.port, model_name=a.model_name, api_key=key,
-                      device=a.device, max_batch_size=a.max_batch_size, limits=limits))
+                      device=a.device, max_batch_size=a.max_batch_size, limits=limits, moderate=moderate,
+                      moderate_threshold=threshold))
 
 
 def _add_serve(sub):
@@ -316,6 +413,8 @@ def _add_serve(sub):
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-concurrent", type=int, default=64, help="generation requests at once; more get 429 (default 64)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body; more gets 413 (default 1024)")
+    p.add_argument("--moderate", metavar="SAFETY[:THRESHOLD]", help="a `tweetlm safety train` classifier: serve "
+                   "/v1/moderations, refuse requests and replies it scores toxic (at its threshold, or THRESHOLD)")
     p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="longest a request may run, queue included; then 408, or an error event in a stream (default 300)")
 
@@ -338,6 +437,47 @@ def _add_chat(sub):
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="make a session reproducible")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
+# ---------------------------------------------------------------- posts index and search
+
+
+def _index_add(a):
+    from tweetlm.search.index import add_files
+
+    add_files(tuple(a.inputs), Path(a.index))
+
+
+def _search(a):
+    import json
+
+    from tweetlm.search.index import Index, format_hits, parse_duration
+
+    with Index(Path(a.index), create=False) as index:
+        hits = index.search(a.query, since=a.since, limit=a.limit, half_life=parse_duration(a.half_life))
+    print(json.dumps(hits, ensure_ascii=False, indent=1) if a.json else format_hits(hits))
+
+
+def _add_index(sub):
+    index = sub.add_parser("index", help="the posts index that search and grounding read", formatter_class=_formatter)
+    isub = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = _verb(isub, "add", "add posts (any format `data prepare` reads) to a search index; re-added posts are updated",
+              "tweetlm index add ../shared/data/twitter-api-v2 'dumps/*.jsonl.zst' --index work/posts.db", _index_add)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (plain, .gz, .zst, .bz2)")
+    p.add_argument("--index", required=True, metavar="INDEX", help="the index file (SQLite), made if missing")
+
+
+def _add_search(sub):
+    p = _verb(sub, "search", "search an index of posts: BM25 with a recency boost, best first",
+              "tweetlm search 'garage tools' --index work/posts.db --since 7d --limit 5", _search)
+    p.add_argument("query", metavar="QUERY", help="words to look for (any of them; rarer words count more)")
+    p.add_argument("--index", required=True, metavar="INDEX", help="an index file written by `tweetlm index add`")
+    p.add_argument("--since", metavar="WHEN", help="only posts from then on: an ISO date or time (2024-05-01, "
+                   "2024-05-01T12:00:00Z) or a duration back from now (90m, 24h, 7d, 2w)")
+    p.add_argument("--limit", type=int, default=10, help="how many posts (default 10, at most 1000)")
+    p.add_argument("--half-life", default="24h", metavar="DURATION",
+                   help="age at which the recency boost halves; a new post scores up to 2x an old one (default 24h)")
+    p.add_argument("--json", action="store_true", help="print the posts as JSON, with every field and the score")
 
 
 # ---------------------------------------------------------------- demo
@@ -371,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_tokenizer(sub)
     _add_train(sub)
+    _add_eval(sub)
+    _add_safety(sub)
     _add_model(sub)
     _add_generate(sub)
     _add_export(sub)
@@ -378,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_serve(sub)
     _add_chat(sub)
+    _add_index(sub)
+    _add_search(sub)
     _add_demo(sub)
     return parser
 

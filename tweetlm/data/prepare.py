@@ -4,7 +4,8 @@
 
 Two stages (CORPUS/ layout in tweetlm/data/corpus.py, formats in readers.py):
 1. Per input file, in `workers` processes (in this one for --workers 1): read, normalize and
-   filter each post (repost, length, spam, language), hash its text, MinHash it, pick its split.
+   filter each post (repost, length, spam, language, and toxic with --drop-toxic: tweetlm/eval/safety.py,
+   in batches), hash its text, MinHash it, pick its split.
    The survivors go to a temporary Arrow file per input (CORPUS/.prepare-tmp/), so memory does
    not grow with the size of a file.
 2. In this process, file after file in input order: drop the most prolific authors, exact and
@@ -19,6 +20,7 @@ skipped files with why, and the invariant `read == kept + sum(dropped)`.
 """
 
 import glob
+import itertools
 import json
 import multiprocessing as mp
 import operator
@@ -47,7 +49,7 @@ from tweetlm.errors import UserError
 
 # Drop reasons, in the order the pipeline applies them (the first that fires names the drop).
 REASONS = ("malformed", "edited_superseded", "withheld", "repost", "empty", "too_short", "too_long", "spam",
-           "language", "top_author", "duplicate", "near_duplicate")
+           "language", "toxic", "top_author", "duplicate", "near_duplicate")
 _MAX_EXAMPLES = 20  # malformed records kept in report.json
 _BATCH = 8192  # rows per batch of the temporary files, and so per step of stage 2
 _TMP = ".prepare-tmp"
@@ -71,6 +73,8 @@ class PrepareConfig:
     test_ratio: float = 0.05
     mentions: bool = True  # replace @handles with @user
     links: bool = True  # replace URLs with http
+    drop_toxic: Path | None = None  # a `tweetlm safety train` folder: drop the posts it scores toxic
+    toxic_threshold: float | None = None  # default: the classifier's own
     seed: int = 0
 
     def __post_init__(self):
@@ -85,6 +89,8 @@ class PrepareConfig:
              "must be in [0, 1); 0 turns it off"),
             (self.near_dup_mb < 1, "near_dup_mb", self.near_dup_mb, "must be at least 1"),
             (min(ratios) < 0 or sum(ratios) >= 1, "val_ratio, test_ratio", ratios, "must be >= 0 and sum to less than 1"),
+            (self.toxic_threshold is not None and (self.drop_toxic is None or not 0 < self.toxic_threshold <= 1),
+             "toxic_threshold", self.toxic_threshold, "must be in (0, 1], with drop_toxic"),
         ]
         for failed, field, value, fix in checks:
             if failed:
@@ -97,6 +103,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     out = Path(cfg.out)
     if cfg.lang:
         _language_id(cfg.lang)  # an unknown code fails here, before any work
+    if cfg.drop_toxic:
+        _safety(cfg.drop_toxic, cfg.toxic_threshold)  # likewise a missing classifier
     tasks, skipped = [], []
     for i, path in enumerate(_expand(cfg.inputs)):
         fmt = detect(path)
@@ -179,6 +187,15 @@ def _language_id(langs: tuple[str, ...]) -> LanguageId:
     return LanguageId(langs)
 
 
+@cache  # loaded once per process (~1 s)
+def _safety(path: Path, threshold: float | None):
+    # the one import of a later stage (eval) by data: the classifier is trained on TweetEval there, and loads
+    # scikit-learn, which data prepare needs only with --drop-toxic
+    from tweetlm.eval.safety import SafetyClassifier
+
+    return SafetyClassifier.load(path, threshold)
+
+
 @cache
 def _minhash_bands(threshold: float, seed: int) -> MinHashBands:
     return MinHashBands(threshold, seed=seed)
@@ -214,19 +231,28 @@ def _prepare_file(task: tuple[str, str, str], cfg: PrepareConfig, progress: Call
     langid = _language_id(cfg.lang) if cfg.lang else None
     spill = _Spill(Path(spill_path), cfg)
     n, dropped, malformed, authors = 0, Counter(), [], Counter()
-    for n, record in enumerate(read(Path(path), fmt), 1):
-        if progress and n % _BATCH == 0:
-            progress(_BATCH)
-        if isinstance(record, Dropped):
-            dropped[record.reason] += 1
-            if record.reason == "malformed" and len(malformed) < _MAX_EXAMPLES:
-                file, _, line = record.source.rpartition(":")
-                malformed.append({"file": file, "line": int(line), "error": record.detail})
-            continue
-        clean, lang, reason = _clean(record, cfg, langid)
-        if reason:
-            dropped[reason] += 1
-            continue
+
+    def cleaned() -> Iterator[tuple[Post, str, str]]:
+        nonlocal n
+        for n, record in enumerate(read(Path(path), fmt), 1):
+            if progress and n % _BATCH == 0:
+                progress(_BATCH)
+            if isinstance(record, Dropped):
+                dropped[record.reason] += 1
+                if record.reason == "malformed" and len(malformed) < _MAX_EXAMPLES:
+                    file, _, line = record.source.rpartition(":")
+                    malformed.append({"file": file, "line": int(line), "error": record.detail})
+                continue
+            clean, lang, reason = _clean(record, cfg, langid)
+            if reason:
+                dropped[reason] += 1
+                continue
+            yield record, clean, lang
+
+    survivors = cleaned()
+    if cfg.drop_toxic:
+        survivors = _drop_toxic(survivors, _safety(cfg.drop_toxic, cfg.toxic_threshold), dropped)
+    for record, clean, lang in survivors:
         if cfg.drop_top_authors and record.author_id:
             authors[record.author_id] += 1
         spill.add(record, clean, lang)
@@ -235,6 +261,15 @@ def _prepare_file(task: tuple[str, str, str], cfg: PrepareConfig, progress: Call
         progress(n % _BATCH)
     return {"file": path, "format": fmt, "read": n, "dropped": dropped, "malformed": malformed,
             "authors": authors, "spill": spill_path}
+
+
+def _drop_toxic(survivors: Iterator[tuple[Post, str, str]], safety, dropped: Counter) -> Iterator[tuple[Post, str, str]]:
+    """The survivors the safety classifier does not flag, scored on clean_text in batches of _BATCH: one post at
+    a time costs ~0.8 ms, in a batch ~0.11 ms a post (bench/safety.py)."""
+    while batch := list(itertools.islice(survivors, _BATCH)):
+        toxic = safety.score([clean for _, clean, _ in batch]) >= safety.threshold
+        dropped["toxic"] += int(toxic.sum())
+        yield from (row for row, flagged in zip(batch, toxic) if not flagged)
 
 
 def _clean(post: Post, cfg: PrepareConfig, langid: LanguageId | None) -> tuple[str, str, str | None]:

@@ -38,6 +38,7 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.ttft = Histogram()
         self.in_flight = 0  # generation requests being answered, streams included
+        self.refused: Counter[str] = Counter()  # by --moderate: "input" (requests), "output" (choices stopped)
 
     def render(self, stats: dict) -> str:
         lines = ["# HELP tweetlm_requests_total HTTP requests answered, by route and status.",
@@ -49,6 +50,9 @@ class Metrics:
             lines += hist.lines("tweetlm_request_seconds", f'route="{route}"')
         lines += ["# HELP tweetlm_time_to_first_token_seconds Time from a generation request's arrival to its first token.",
                   "# TYPE tweetlm_time_to_first_token_seconds histogram", *self.ttft.lines("tweetlm_time_to_first_token_seconds")]
+        lines += ["# HELP tweetlm_moderation_refusals_total Requests refused for toxic input, and choices stopped for "
+                  "toxic output (--moderate).", "# TYPE tweetlm_moderation_refusals_total counter"]
+        lines += [f'tweetlm_moderation_refusals_total{{stage="{stage}"}} {self.refused[stage]}' for stage in ("input", "output")]
         for name, kind, value, help in (
             ("prompt_tokens_total", "counter", stats["prompt_tokens_total"], "Prompt tokens prefilled."),
             ("completion_tokens_total", "counter", stats["completion_tokens_total"], "Tokens generated."),

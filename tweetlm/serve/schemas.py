@@ -101,6 +101,30 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+def _moderation_texts(value):
+    """OpenAI's moderation input: a string, a list of strings, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for item in value:
+        if isinstance(item, dict):
+            if item.get("type") != "text":
+                raise ValueError(f"only text is moderated here: an input of type {item.get('type')!r} is not supported")
+            item = item.get("text")
+        texts.append(item)
+    return texts
+
+
+class ModerationRequest(BaseModel):
+    """POST /v1/moderations. `model` is accepted and ignored: the server has one classifier."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    input: Annotated[list[str], BeforeValidator(_moderation_texts)] = Field(min_length=1)
+    model: str | None = None
+
+
 class ChatRequest(_Sampling):
     """POST /v1/chat/completions. max_tokens unset: the reply may fill the rest of the context."""
 
@@ -140,6 +164,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def model_list(model_name: str, created: int) -> dict:
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "tweetlm"}]}
+
+
+# OpenAI's moderation categories (platform.openai.com/docs/api-reference/moderations). tweetlm's classifier gives
+# one score, toxicity, trained on OffensEval (offensive: insults, threats, profanity) and HatEval (hate against
+# immigrants and women): it fills harassment and hate, the two categories those sets cover; the others are
+# not measured, so they read false and 0.0 and list no applied input type.
+MODERATION_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+                         "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
+                         "violence/graphic")
+MODERATED = ("harassment", "hate")
+MODERATION_MODEL = "tweetlm-safety"
+
+
+def moderation(scores: list[float], threshold: float) -> dict:
+    """OpenAI's moderation object, one result per input (flagged at score >= threshold)."""
+    results = []
+    for score in scores:
+        flagged = score >= threshold
+        results.append({
+            "flagged": flagged,
+            "categories": {c: flagged and c in MODERATED for c in MODERATION_CATEGORIES},
+            "category_scores": {c: score if c in MODERATED else 0.0 for c in MODERATION_CATEGORIES},
+            "category_applied_input_types": {c: ["text"] if c in MODERATED else [] for c in MODERATION_CATEGORIES},
+        })
+    return {"id": new_id("modr"), "model": MODERATION_MODEL, "results": results}
 
 
 def _token_bytes(text: str) -> list[int] | None:

@@ -26,6 +26,8 @@ class ServeConfig:
     device: str = "cpu"
     max_batch_size: int = 32
     limits: ServeLimits = field(default_factory=ServeLimits)
+    moderate: Path | None = None  # a `tweetlm safety train` folder: moderate requests and replies
+    moderate_threshold: float | None = None  # default: the classifier's own
     log_level: str = "info"
 
     def __post_init__(self):
@@ -65,17 +67,23 @@ def serve(cfg: ServeConfig) -> None:
 
     sock = bind(cfg.host, cfg.port)  # first: a taken port fails at once, not after loading the model
     try:
+        moderator = None
+        if cfg.moderate is not None:
+            from tweetlm.eval.safety import SafetyClassifier
+
+            moderator = SafetyClassifier.load(cfg.moderate, cfg.moderate_threshold)
         model, tokenizer = load_model(cfg.run, device=cfg.device)
     except BaseException:
         sock.close()
         raise
     name = cfg.model_name or Path(cfg.run).resolve().name
     engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size)
-    app = create_app(engine, tokenizer, model_name=name, api_key=cfg.api_key, limits=cfg.limits)
+    app = create_app(engine, tokenizer, model_name=name, api_key=cfg.api_key, limits=cfg.limits, moderator=moderator)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving {name} ({cfg.device}, context {engine.max_seq_len} tokens) at {url}: web chat at {url}/, "
-          f"OpenAI API at {url}/v1{', API key required' if cfg.api_key else ''}", flush=True)
+          f"OpenAI API at {url}/v1{', API key required' if cfg.api_key else ''}"
+          f"{f', moderated at threshold {moderator.threshold:.3f}' if moderator else ''}", flush=True)
     # uvicorn re-raises the signal it stopped on once it has shut down gracefully: SIGTERM then ends
     # the process like Ctrl-C, with exit code 0, instead of killing it by the default action
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -34,9 +34,9 @@ from tweetlm.infer.sampling import SamplingParams, penalize, sample
 
 __all__ = ["Engine", "Request", "SamplingParams", "Delta", "TokenLogprob"]
 
-# Prompt tokens fed per step and the fixed size of a prompt's chunks. On the small preset (2-core CPU), a
-# 256-token chunk takes ~25 ms, about 20 decode steps of batch 8: a long prompt adds at most that to the
-# running requests' next token.
+# Prompt tokens fed per step, and the fixed size of a prompt's chunks. On the small preset (2-core CPU) a step
+# with a 256-token chunk takes ~6.5 ms (bench/infer.py: 8 prompts of 64 tokens, 2 such steps, 12.9 ms to
+# their first tokens), about 4 decode steps of batch 8: what a long prompt adds to others' next token.
 PREFILL_CHUNK = 256
 
 
@@ -264,11 +264,12 @@ class Engine:
             self._cond.notify()
 
     def _run(self, model, slots: int, ready: threading.Event) -> None:
-        # The weights are packed here, not in the caller's thread: each thread that runs torch's OpenMP regions
-        # keeps its own team of workers, and once they outnumber the cores, GNU OpenMP stops spinning and puts
-        # idle workers to sleep, so every parallel region (~30 per decode step) waits for a wake-up. Measured on
-        # the small preset, 2 cores, batch 1: a step took 0.95 ms in the only computing thread and 2.3 ms
-        # in a second one. Serving, the caller's thread (the event loop) then never starts a team.
+        # The weights are packed here, not in the caller's thread, so that a caller that only submits and reads
+        # (the server's event loop, `tweetlm generate`) never starts an OpenMP team of its own. Each thread that
+        # runs torch's parallel regions keeps its own team, and once their threads outnumber the cores, GNU
+        # OpenMP's idle workers sleep instead of spinning: every parallel region (~30 per decode step) then
+        # waits for a wake-up. Measured on the small preset, 2 cores, batch 1: a decode step took 0.95 ms in the
+        # process's only computing thread, 2.3 ms in a second one (1.55 ms with GOMP_SPINCOUNT=infinite).
         with torch.inference_mode():  # no autograd bookkeeping on any op of this thread
             try:
                 self._runner = Runner(model)
@@ -357,8 +358,7 @@ def _choose(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], l
     if asked:
         logp = logits[asked].log_softmax(dim=-1)  # [A, V]
         chosen = logp.gather(1, torch.tensor([[next_ids[i]] for i in asked], device=logp.device)).squeeze(1).tolist()
-        k = max(requests[i].params.logprobs for i in asked)
-        top_values, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+        top_values, top_ids = logp.topk(max(requests[i].params.logprobs for i in asked), dim=-1)  # [A, k]
         for j, i in enumerate(asked):
             kj = requests[i].params.logprobs
             top = list(zip(top_ids[j, :kj].tolist(), top_values[j, :kj].tolist()))

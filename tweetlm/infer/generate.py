@@ -40,6 +40,9 @@ def generate(model, tokenizer, cfg: GenerateConfig) -> Iterator[tuple[int, str]]
     """Streams (sample index, text piece), one sample after the other (the engine decodes them all at once).
     Each sample is a new post after `cfg.prompt`; with a seed, sample i uses seed + i."""
     prompt_ids = [tokenizer.boundary_id] + tokenizer.encode(cfg.prompt)
+    if len(prompt_ids) + cfg.max_new_tokens > model.config.max_seq_len:  # the engine's check, in the flags' words
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceed the "
+                        f"model's context of {model.config.max_seq_len} tokens: shorten the prompt or ask for fewer tokens")
     with Engine(model, tokenizer, max_batch_size=cfg.num_samples) as engine:
         requests = [engine.submit(prompt_ids, SamplingParams(
             max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -62,7 +65,12 @@ def generate_ids(model, prompt_ids: list[int], *, batch_size: int = 1, max_new_t
     device = "cpu" if generator is None else generator.device
     seeds = torch.randint(2**62, (batch_size,), generator=generator, device=device).tolist()
     with Engine(model, None, max_batch_size=batch_size) as engine:
-        streams = [iter(engine.submit(prompt_ids, SamplingParams(
-            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))) for seed in seeds]
-        for _ in range(max_new_tokens):
-            yield torch.tensor([next(s).token_ids[0] for s in streams])
+        requests = [engine.submit(prompt_ids, SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)) for seed in seeds]
+        streams = [iter(r) for r in requests]
+        try:
+            for _ in range(max_new_tokens):
+                yield torch.tensor([next(s).token_ids[0] for s in streams])
+        finally:
+            for request in requests:
+                request.cancel()

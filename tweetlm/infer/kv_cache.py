@@ -1,13 +1,14 @@
 """The KV cache: keys and values of every layer, preallocated once for a fixed number of sequence slots.
 
-A forward's rows are described by a Batch: row i feeds `lengths[i]` new tokens to the sequence held in cache
-slot `slots[i]`, which already holds `starts[i]` tokens (a prompt chunk, or 1 token when decoding). Rows of
-different lengths and positions run in one forward; their tokens are laid flat, one after another.
+One forward's rows are a Batch: row i feeds lengths[i] new tokens to the sequence held in cache slot
+slots[i], which already holds starts[i] tokens (a prompt chunk, or 1 token when decoding). Rows of
+different lengths and positions run in one forward, their tokens laid flat one after another.
 
-Attention runs row by row, each over exactly its own cached tokens. A batched call over a padded, masked
-[B, S_max] would make a row's numbers depend on its neighbours: measured on this CPU (torch 2.13), masked
-and unmasked SDPA, and softmax over a padded length, round differently, so a row's logits changed with the
-longest row beside it. Row by row, a request computes the same thing alone or among 31 others.
+Attention runs row by row, each over exactly its own cached tokens. Batched calls make a row's numbers
+depend on its neighbours: measured on this CPU (torch 2.13), masked SDPA over a padded [B, S_max] rounds
+differently from unmasked SDPA over the row alone, and even rows of equal length batched together
+([B, H, 1, Hd], B > 1, 17 keys or more) differ from the same rows one by one. Row by row, a request
+computes the same thing alone or among 31 others.
 """
 
 import torch
@@ -37,9 +38,9 @@ class KVCache:
         self.k[layer][batch.token_slots, :, batch.positions] = k
         self.v[layer][batch.token_slots, :, batch.positions] = v
         queries = q.transpose(0, 1)[None].split(batch.lengths, dim=2)  # per row [1, H, n, Hd]
-        out = [F.scaled_dot_product_attention(queries[i], keys[layer], values[layer], attn_mask=mask, is_causal=causal,
+        out = [F.scaled_dot_product_attention(query, keys[layer], values[layer], attn_mask=mask, is_causal=causal,
                                               enable_gqa=True)
-               for i, (keys, values, mask, causal) in enumerate(zip(batch.keys, batch.values, batch.masks, batch.causal))]
+               for query, keys, values, mask, causal in zip(queries, batch.keys, batch.values, batch.masks, batch.causal)]
         y = torch.cat(out, dim=2) if len(out) > 1 else out[0]  # [1, H, N, Hd]
         return y[0].transpose(0, 1).reshape(q.shape[0], -1)  # [N, H * Hd]
 

@@ -2,19 +2,21 @@
 rearranged for decoding. model/llama.py stays the reference (training, evaluation, export); tests hold this
 forward's logits to its.
 
-What differs from Llama.forward, and why (small preset, batch 1, 2-core CPU):
+What differs from Llama.forward, and why (measured on the small preset, 2-core CPU, torch 2.13):
 - q/k/v and gate/up are each one matrix (7 -> 4 matmuls per block): a decode step is a few hundred small
-  ops, each with microseconds of overhead, so fewer ops is the speed.
+  ops with microseconds of overhead each, so fewer ops is speed.
 - On CPU in fp32 the matrices are prepacked for oneDNN (`mkldnn._reorder_linear_weight`, as inductor's
   freezing does) and multiplied by `mkldnn._linear_pointwise`. This is what makes batches invariant:
-  MKL's sgemm (F.linear) rounds a row differently with the number of rows M (measured classes M = 1,
-  M = 2-3, rows of a partial block of 4 when M < 12), while the packed oneDNN product gave the same bits
-  for every row at every M from 1 to 1100 tried, at 1, 2, 4 and 8 threads. It is also faster from M = 2 up
-  (M = 8: 0.66 vs 1.5 ms per step of matmuls). Elsewhere (CUDA, other dtypes) plain F.linear is used and
-  batch invariance is not promised.
-- SiLU is written out as x / (1 + exp(-x)): F.silu's vectorized and scalar loops round differently
-  (838 of 20,000 values), so a value's result depended on where it fell in the tensor, i.e. on the batch;
-  exp, division and the other elementwise ops used here agree bitwise in both loops.
+  MKL's sgemm (F.linear) rounds a row differently with the number of rows M (classes M = 1, M = 2-3, and
+  rows of a partial block of 4 when M < 12), while the packed oneDNN product gave the same bits for every
+  row at every M tried (1 to 69, and up to 1100), at 1, 2, 3, 4 and 8 threads. It is also faster: the 17 matmuls of
+  a step take 0.34 ms at M = 1 and 0.45 ms at M = 8, against 0.50 and 1.33 ms with MKL. Elsewhere (CUDA,
+  other dtypes) plain F.linear runs and batch invariance is not promised.
+- SiLU is written out as x / (1 + exp(-x)): F.silu's vectorized and scalar loops round differently (838 of
+  20,000 values), and which loop a value meets depends on where a multi-threaded kernel splits the tensor,
+  i.e. on the batch (a hazard; no test caught it here). exp, division and the other elementwise ops used
+  here agree bitwise in both loops (200,000 values).
+- Only each row's last token goes through the output head (a 256-token prompt chunk needs one row of logits).
 """
 
 import torch
@@ -51,8 +53,9 @@ class Runner:
 
     def _matrix(self, w: torch.Tensor) -> torch.Tensor:
         w = w.detach().contiguous()
-        # the batch-size hint only picks the packed layout; every M gives the same bits with any of 2, 8, 32
-        return torch.ops.mkldnn._reorder_linear_weight(w, 8) if self._packed else w
+        # the batch-size hint only picks the packed layout: every M gives the same bits with any of 2, 8, 32;
+        # 32 was fastest at M = 1 and 8 (0.34 and 0.45 ms for the small preset's 17 matrices, hot caches)
+        return torch.ops.mkldnn._reorder_linear_weight(w, 32) if self._packed else w
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self._packed:
@@ -68,12 +71,12 @@ class Runner:
         x = F.embedding(tokens, self.embed)  # [N, D]
         for i, layer in enumerate(self.layers):
             qkv = self._linear(F.rms_norm(x, (cfg.dim,), layer["attention_norm"], eps), layer["wqkv"])
-            qkv = qkv.view(-1, H + 2 * K, Hd)  # [N, H + 2K, Hd]
-            qk, v = qkv[:, :H + K], qkv[:, H + K:]
+            qk, v = qkv.view(-1, H + 2 * K, Hd).split((H + K, K), dim=1)  # [N, H + K, Hd], [N, K, Hd]
             if cfg.qk_norm:
                 qk = torch.cat((F.rms_norm(qk[:, :H], (Hd,), layer["q_norm"], eps),
                                 F.rms_norm(qk[:, H:], (Hd,), layer["k_norm"], eps)), dim=1)
-            q, k = (qk * batch.cos + qk.roll(Hd // 2, -1) * batch.sin).split((H, K), dim=1)  # rotary (kv_cache.py)
+            qk = (qk * batch.cos + qk.roll(Hd // 2, -1) * batch.sin).to(qk.dtype)  # rotary in fp32, as the model
+            q, k = qk.split((H, K), dim=1)  # [N, H, Hd], [N, K, Hd]
             x += self._linear(cache.attend(i, q, k, v, batch), layer["wo"])
             gate, up = self._linear(F.rms_norm(x, (cfg.dim,), layer["mlp_norm"], eps), layer["w13"]).chunk(2, dim=-1)
             x += self._linear(gate / (1 + torch.exp(-gate)) * up, layer["w2"])  # SiLU(gate) * up

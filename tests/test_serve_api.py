@@ -68,11 +68,12 @@ def long_prompts(served_run) -> dict:
 
 
 @contextmanager
-def live_server(run: Path, *, api_key: str | None = None, limits: ServeLimits = ServeLimits()):
-    """The app under uvicorn in a thread, on a free port: yields (base url, engine)."""
+def live_server(run: Path, *, limits: ServeLimits = ServeLimits(), **options):
+    """The app under uvicorn in a thread, on a free port: yields (base url, engine). `options` go to create_app
+    (api_key, moderator)."""
     model, tokenizer = load_model(run)
     engine = Engine(model, tokenizer, max_batch_size=8)
-    app = create_app(engine, tokenizer, model_name=run.name, api_key=api_key, limits=limits)
+    app = create_app(engine, tokenizer, model_name=run.name, limits=limits, **options)
     sock = bind("127.0.0.1", 0)
     server = uvicorn_server(app, limits, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -3,47 +3,20 @@ queued, toxic replies stopped (streamed or not) with finish_reason content_filte
 openai client and counted in /metrics. The real classifier scores the requests; replies from the tiny model
 are rarely toxic, so a stand-in classifier that flags long texts stops them."""
 
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 from test_eval_safety import safety_model  # noqa: F401 (fixture)
-from test_serve_api import (LONG, _client, _raw, _status_error, long_prompts, served_run, server,  # noqa: F401 (fixtures)
-                            small_corpus, small_tokenizer)
+from test_serve_api import (LONG, _client, _raw, _status_error, live_server, long_prompts, served_run,  # noqa: F401
+                            server, small_corpus, small_tokenizer)
 
 from tweetlm.cli import main
 from tweetlm.eval.safety import SafetyClassifier
-from tweetlm.infer.engine import Engine
-from tweetlm.serve.app import ServeLimits, create_app
 from tweetlm.serve.schemas import MODERATION_CATEGORIES
-from tweetlm.serve.server import bind, uvicorn_server
-from tweetlm.train.checkpoint import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"
-
-
-@contextmanager
-def moderated_server(run: Path, moderator):
-    """test_serve_api.live_server with a moderator: (base url, engine)."""
-    model, tokenizer = load_model(run)
-    engine = Engine(model, tokenizer, max_batch_size=8)
-    app = create_app(engine, tokenizer, model_name=run.name, moderator=moderator)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn_server(app, ServeLimits(), log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +34,7 @@ def posts(classifier) -> dict:
 
 @pytest.fixture(scope="module")
 def moderated(served_run, classifier):  # noqa: F811
-    with moderated_server(served_run, classifier) as (url, engine):
+    with live_server(served_run, moderator=classifier) as (url, engine):
         yield url, engine
 
 
@@ -130,7 +103,7 @@ def test_toxic_replies_stop_with_content_filter(served_run, server, long_prompts
     reference = _client(server[0]).chat.completions.create(**ask).choices[0].message.content  # unmoderated
     limit = len(long_prompts["message"])  # the request passes, the reply crosses it
     assert len(reference) > limit
-    with moderated_server(served_run, _FlagsLongTexts(limit)) as (url, engine):
+    with live_server(served_run, moderator=_FlagsLongTexts(limit)) as (url, engine):
         client = _client(url)
         plain = client.chat.completions.create(logprobs=True, **ask).choices[0]
         assert plain.finish_reason == "content_filter" and plain.message.content is None and plain.logprobs is None

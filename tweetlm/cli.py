@@ -296,6 +296,14 @@ def _add_model(sub):
     p.add_argument("--seq-len", type=int, default=1024, help="sequence length, for the attention FLOPs (default 1024)")
 
 
+def _add_sampling(p, *, seed_help: str) -> None:
+    """The sampling flags `generate` and `chat` share."""
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
+
+
 def _add_generate(sub):
     p = _verb(sub, "generate", "write posts with a trained model, streaming tokens as they come",
               "tweetlm generate work/demo/run --prompt 'Monday mornings are' --num-samples 3 --seed 1", _generate)
@@ -303,11 +311,8 @@ def _add_generate(sub):
     p.add_argument("--prompt", default="", help="text the posts start with (default: none, a fresh post)")
     p.add_argument("--num-samples", type=int, default=1, help="how many posts (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens per post (default 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
+    _add_sampling(p, seed_help="make sampling reproducible")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a post at this text (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
 
 
@@ -432,10 +437,7 @@ def _add_chat(sub):
     p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (a chat fine-tuned one answers best)")
     p.add_argument("--system", default="", help="a system message that opens the conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="at most this many tokens per reply (default 256)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="make a session reproducible")
+    _add_sampling(p, seed_help="make a session reproducible")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
 
 

@@ -15,7 +15,7 @@ from test_tokenizer import DATA, small_corpus, small_tokenizer  # noqa: F401 (fi
 from tweetlm.errors import UserError
 from tweetlm.infer.engine import PREFILL_CHUNK, Engine, SamplingParams
 from tweetlm.infer.generate import GenerateConfig, generate
-from tweetlm.infer.sampling import penalize
+from tweetlm.infer.sampling import penalize, sample
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import config_from_depth, preset
 from tweetlm.tokenizer.bpe import Tokenizer
@@ -130,6 +130,20 @@ def test_batch_invariance_alone_and_beside_31_others(model, tokenizer):
         assert a.tokens == b.tokens and a.text == b.text and a.finish == b.finish == "length"
         assert a.logprobs == b.logprobs  # floats compared exactly
     assert len(set(alone[1].tokens)) > 1  # sampled, not a degenerate loop
+
+
+def test_sampling_follows_the_distribution_and_its_cuts():
+    """4,000 draws per row from probabilities 0.5 / 0.3 / 0.2 / 0: the frequencies match, top-k and top-p cut
+    the tail, a zero-probability token never comes, and each row's draws depend only on its own generator."""
+    logits = torch.tensor([0.5, 0.3, 0.2, 0.0]).log().repeat(3, 1)  # [3, V]
+    params = [SamplingParams(), SamplingParams(top_k=2), SamplingParams(top_p=0.5)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    draws = torch.stack([sample(logits, params, gens) for _ in range(4000)])  # [4000, 3]
+    freq = [torch.bincount(draws[:, j], minlength=4).double() / len(draws) for j in range(3)]
+    assert freq[0].tolist() == pytest.approx([0.5, 0.3, 0.2, 0.0], abs=0.03)
+    assert freq[1].tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.03)
+    assert freq[2].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert sample(logits[:1], params[:1], [torch.Generator().manual_seed(0)]).item() == draws[0, 0]  # alone: same draw
 
 
 # ---------------------------------------------------------------- lifecycle

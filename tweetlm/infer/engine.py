@@ -348,11 +348,11 @@ def _choose(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], l
             logits[i] = penalize(logits[i], r._counts, presence=r.params.presence_penalty,
                                  frequency=r.params.frequency_penalty)
     next_ids = logits.argmax(dim=-1).tolist()  # greedy rows
-    for i, r in enumerate(requests):
-        p = r.params
-        if p.temperature > 0:
-            next_ids[i] = sample(logits[i:i + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                 generator=r._generator).item()
+    sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+    if sampled:
+        picks = sample(logits[sampled], [requests[i].params for i in sampled], [requests[i]._generator for i in sampled])
+        for i, token in zip(sampled, picks.tolist()):
+            next_ids[i] = token
     logprobs: list[TokenLogprob | None] = [None] * len(requests)
     asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if asked:

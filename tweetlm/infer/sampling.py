@@ -1,8 +1,8 @@
 """Next-token choice: a request's sampling parameters and the tensor functions the engine applies to logits.
 
 Order per token, as OpenAI and vLLM: penalties on the logits -> logprobs taken there -> temperature -> top-k
--> top-p -> draw. Every function works on one request's rows and draws from that request's own generator, so
-a request's tokens never depend on which other requests share its batch.
+-> top-p -> draw. Every function works along each row on its own and draws from that row's request's own
+generator, so a request's tokens never depend on which other requests share its batch.
 """
 
 import math
@@ -73,20 +73,27 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, *, presence: float, fre
     return logits - presence * (counts > 0) - frequency * counts
 
 
-def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax); top_k 0 and top_p 1 turn those off."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [B, V] of rows with temperature > 0 -> token ids [B], row i with params[i] and its own generator.
+
+    Batched, and each row's token depends on that row alone: every op works along the vocabulary of one row
+    (top-k, sort, softmax, cumsum), and the random number is drawn from the row's generator, then inverted
+    through the row's CDF (float64, so u x total never reaches the last sum). A request thus samples the same
+    tokens alone or beside others, at the cost of one tiny draw per row rather than a whole sampling pass."""
+    V = logits.shape[-1]
+    logits = logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=logits.device)
+    if (top_k < V).any():
+        kth = logits.topk(int(top_k.max()), dim=-1).values.gather(1, top_k[:, None] - 1)  # [B, 1]
+        logits = logits.masked_fill((logits < kth) & (top_k[:, None] < V), float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
+    if (top_p < 1).any():
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the ones before it already reach top_p (the first token always stays)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # [B, V]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])  # [B]
+    # the first index whose cumulative mass exceeds u x total: a token of zero probability never qualifies
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=V - 1)

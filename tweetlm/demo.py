@@ -58,6 +58,8 @@ def demo(cfg: DemoConfig) -> dict:
     print(f"\nval bits-per-byte: {final.get('val_bpb', float('nan')):.3f}   (run folder: {run})")
     print("go further:\n"
           f"  tweetlm generate {run} --prompt 'Good morning' --num-samples 3\n"
-          f"  tweetlm train --tokens {tokens} --tokenizer {tok} --out runs/125m --preset 125m --time-budget 60\n"
-          f"  tweetlm model presets")
+          f"  tweetlm serve {run}            # OpenAI-compatible API + web chat at http://127.0.0.1:8000/\n"
+          f"  tweetlm export hf {run} --out {run.parent / 'hf'}   # for transformers, vLLM, llama.cpp\n"
+          f"  tweetlm train --tokens {tokens} --out runs/125m --preset 125m --time-budget 60\n"
+          f"  tweetlm plan --gpus 64 --gpu h100 --days 7 --tokens {tokens}")
     return final

@@ -25,6 +25,12 @@ def _formatter(prog):
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+def _group(sub, name: str, help: str):
+    """A verb with actions under it (`tweetlm data prepare`): returns the subparsers to add the actions to."""
+    group = sub.add_parser(name, help=help, formatter_class=_formatter)
+    return group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
 def _verb(sub, name: str, help: str, example: str, run) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}", formatter_class=_formatter)
     p.set_defaults(run=run)
@@ -66,8 +72,7 @@ def _data_threads(a):
 
 
 def _add_data(sub):
-    data = sub.add_parser("data", help="read, clean and tokenize posts", formatter_class=_formatter)
-    dsub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dsub = _group(sub, "data", "read, clean and tokenize posts")
 
     p = _verb(dsub, "prepare", "read raw posts (any supported format), clean, filter, dedup and split them into a Parquet corpus",
               "tweetlm data prepare ../shared/data/twitter-api-v2 'dumps/*.jsonl.zst' --out work/corpus --workers 2",
@@ -124,8 +129,7 @@ def _tokenizer_train(a):
 
 
 def _add_tokenizer(sub):
-    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer", formatter_class=_formatter)
-    tsub = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tsub = _group(sub, "tokenizer", "train a byte-level BPE tokenizer")
     p = _verb(tsub, "train", "train byte-level BPE on the corpus's train split; prints bytes per token on val",
               "tweetlm tokenizer train work/corpus --vocab-size 8192 --out work/tokenizer", _tokenizer_train)
     p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
@@ -209,8 +213,7 @@ def _safety_train(a):
 
 
 def _add_eval(sub):
-    ev = sub.add_parser("eval", help="evaluate: TweetEval classification, bits per byte", formatter_class=_formatter)
-    esub = ev.add_subparsers(dest="action", required=True, metavar="ACTION")
+    esub = _group(sub, "eval", "evaluate: TweetEval classification, bits per byte")
     p = _verb(esub, "tweeteval", "TweetEval's six tasks: train per task, predict a split in the benchmark's format, "
               "official metrics beside the published rows",
               "tweetlm eval tweeteval --model tfidf --data ../shared/data/tweeteval --split val --out work/tweeteval",
@@ -242,9 +245,7 @@ def _add_eval(sub):
 
 
 def _add_safety(sub):
-    sf = sub.add_parser("safety", help="the toxicity classifier behind --drop-toxic and --moderate",
-                        formatter_class=_formatter)
-    ssub = sf.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ssub = _group(sub, "safety", "the toxicity classifier behind --drop-toxic and --moderate")
     p = _verb(ssub, "train", "train a toxicity classifier (offensive or hateful vs neither) on TweetEval's offensive "
               "and hate train splits; prints val F1 beside a majority baseline",
               "tweetlm safety train --data ../shared/data/tweeteval --out work/safety", _safety_train)
@@ -288,8 +289,7 @@ def _generate(a):
 
 
 def _add_model(sub):
-    model = sub.add_parser("model", help="model shapes: presets, parameter and FLOP counts", formatter_class=_formatter)
-    msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    msub = _group(sub, "model", "model shapes: presets, parameter and FLOP counts")
     p = _verb(msub, "presets", "print each preset's shape, exact parameter count and training FLOPs per token",
               "tweetlm model presets --vocab-size 32768 --seq-len 2048", _model_presets)
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (default 32768)")
@@ -332,8 +332,7 @@ def _import_hf(a):
 
 
 def _add_export(sub):
-    export = sub.add_parser("export", help="write a trained model in another format", formatter_class=_formatter)
-    esub = export.add_subparsers(dest="action", required=True, metavar="ACTION")
+    esub = _group(sub, "export", "write a trained model in another format")
     p = _verb(esub, "hf", "write a run's best checkpoint as a Hugging Face Llama model folder (transformers, vLLM, llama.cpp)",
               "tweetlm export hf runs/small --out export/small --dtype bfloat16", _export_hf)
     p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
@@ -342,8 +341,7 @@ def _add_export(sub):
 
 
 def _add_import(sub):
-    imp = sub.add_parser("import", help="start a run from a model made elsewhere", formatter_class=_formatter)
-    isub = imp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    isub = _group(sub, "import", "start a run from a model made elsewhere")
     p = _verb(isub, "hf", "make a run folder (tokenizer + step-0 checkpoint) from a Hugging Face Llama model folder",
               "tweetlm import hf models/SmolLM2-135M --out runs/smol", _import_hf)
     p.add_argument("src", metavar="DIR", help="a local folder with config.json, model.safetensors (or shards) and tokenizer.json")
@@ -461,8 +459,7 @@ def _search(a):
 
 
 def _add_index(sub):
-    index = sub.add_parser("index", help="the posts index that search and grounding read", formatter_class=_formatter)
-    isub = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+    isub = _group(sub, "index", "the posts index that search and grounding read")
     p = _verb(isub, "add", "add posts (any format `data prepare` reads) to a search index; re-added posts are updated",
               "tweetlm index add ../shared/data/twitter-api-v2 'dumps/*.jsonl.zst' --index work/posts.db", _index_add)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (plain, .gz, .zst, .bz2)")

@@ -7,6 +7,8 @@
     POST /v1/completions        text after a prompt (a new post: the prompt follows <|endoftext|>)
     POST /v1/chat/completions   a reply to messages, rendered with the tokenizer's chat template
     POST /v1/moderations        OpenAI's moderation object from the safety classifier (with --moderate)
+    POST /v1/posts, GET /v1/search   the posts index that grounds chat answers (with --index; serve/grounding.py)
+    POST /v1/compose, /v1/reply, /v1/summarize   one post of at most 280 characters (serve/tasks.py)
 
 Every bad request is an OpenAI error object with a 4xx status: 400 bad JSON, field or value (also a
 prompt that does not fit the context), 401 missing or wrong API key, 404 unknown model or path,
@@ -38,14 +40,16 @@ from starlette.exceptions import HTTPException
 from tweetlm.errors import UserError
 from tweetlm.infer.engine import Delta, SamplingParams
 from tweetlm.serve import schemas
+from tweetlm.serve.grounding import Grounding, GroundingConfig
 from tweetlm.serve.metrics import Histogram, Metrics
-from tweetlm.serve.schemas import ChatRequest, CompletionRequest, ModerationRequest, error_body
+from tweetlm.serve.schemas import APIError, ChatRequest, CompletionRequest, ModerationRequest, error_body
+from tweetlm.serve.tasks import TASK_ROUTES, add_task_routes
 from tweetlm.tokenizer.chat import render_chat
 
 STATIC = Path(__file__).parent / "static"
-GENERATE_ROUTES = ("/v1/completions", "/v1/chat/completions")
+GENERATE_ROUTES = ("/v1/completions", "/v1/chat/completions", *TASK_ROUTES)
 # metrics labels; anything else is "other"
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/moderations", *GENERATE_ROUTES)
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/moderations", "/v1/posts", "/v1/search", *GENERATE_ROUTES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,16 +62,6 @@ class ServeLimits:
         for name in ("max_body_bytes", "max_concurrent", "request_timeout"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-class APIError(Exception):
-    """An OpenAI error object with its HTTP status."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = error_body(message, type=type, param=param, code=code)
 
 
 async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
@@ -215,9 +209,9 @@ class _Service:
     """The generation routes' logic; create_app wires it to FastAPI."""
 
     def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, metrics: Metrics,
-                 moderation: _Moderation | None):
+                 moderation: _Moderation | None, grounding: Grounding):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.limits, self.metrics, self.moderation = limits, metrics, moderation
+        self.limits, self.metrics, self.moderation, self.grounding = limits, metrics, moderation, grounding
         self.end_id = tokenizer.token_id("<|end|>")
 
     def decode(self, token_id: int) -> str:
@@ -334,8 +328,10 @@ class _Service:
         return APIError(408, f"the request ran past the server's limit of {self.limits.request_timeout:g} s: "
                              "ask for fewer tokens or retry later", type="timeout_error", code="request_timeout")
 
-    async def _events(self, requests, start: float, chunk, include_usage: bool, prompt_tokens: int, first=()):
-        """SSE lines: `first` chunks, a chunk per delta, the usage chunk if asked, then [DONE]."""
+    async def _events(self, requests, start: float, chunk, include_usage: bool, prompt_tokens: int, first=(),
+                      edit=None):
+        """SSE lines: `first` chunks, a chunk per delta (`edit(i, delta)` first, if given), the usage chunk if
+        asked, then [DONE]."""
         for obj in first:
             yield _sse(obj)
         sent, stopped = [""] * len(requests), set()  # each choice's text so far; choices ended by moderation
@@ -343,6 +339,8 @@ class _Service:
             async for i, delta in self._deltas(requests, start):
                 if i in stopped:
                     continue
+                if edit is not None:
+                    delta = edit(i, delta)
                 if self.moderation is not None and delta.text and await self.moderation.flagged(sent[i] + delta.text):
                     requests[i].cancel()
                     stopped.add(i)
@@ -407,10 +405,12 @@ class _Service:
 
     async def chat(self, body: ChatRequest, http: Request):
         start = asyncio.get_running_loop().time()
+        messages = [m.as_template_message() for m in body.messages]
         try:
-            prompt = render_chat(self.tokenizer, [m.as_template_message() for m in body.messages])
+            prompt = render_chat(self.tokenizer, messages)
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
+        prompt, grounded = await self.grounding.prepare(body, messages, prompt)
         max_tokens = self._check(body, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
         if self.moderation is not None:
             await self.moderation.check_input([m.as_template_message()["content"] for m in body.messages], "messages")
@@ -428,21 +428,28 @@ class _Service:
             def chunk(i, delta):
                 if delta is None:
                     return dict(head)
-                return head | {"choices": [{"index": i, "delta": {"content": delta.text} if delta.text else {},
+                content = {"content": delta.text} if delta.text else {}
+                if delta.finish_reason:
+                    content |= grounded.fields(i)  # the choice's citations, once its text is settled
+                return head | {"choices": [{"index": i, "delta": content,
                                             "logprobs": logprobs(delta.logprobs),
                                             "finish_reason": delta.finish_reason}]} | usage_field
-            roles = [head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                          "finish_reason": None}]} | usage_field for i in range(len(requests))]
-            return _EventStream(self._events(requests, start, chunk, body.include_usage, len(prompt), roles), requests)
+            roles = [head | grounded.head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}]} | usage_field
+                     for i in range(len(requests))]
+            return _EventStream(self._events(requests, start, chunk, body.include_usage, len(prompt), roles,
+                                             grounded.edit), requests)
 
         choices = await self._collect(http, requests, start)
         if choices is None:
             return Response(status_code=499)
+        grounded.check(choices)
         if self.moderation is not None:
             await self.moderation.withhold_flagged(choices)
-        return head | {
+        return head | grounded.head | {
             "object": "chat.completion",
-            "choices": [{"index": i, "message": {"role": "assistant", "content": None if c.withheld else c.text},
+            "choices": [{"index": i, "message": {"role": "assistant", "content": None if c.withheld else c.text}
+                         | grounded.fields(i, c.withheld),
                          "logprobs": None if c.withheld else logprobs(c.logprobs), "finish_reason": c.finish_reason}
                         for i, c in enumerate(choices)],
             "usage": schemas.usage(len(prompt), sum(r.completion_tokens for r in requests))}
@@ -457,13 +464,16 @@ def _param(loc) -> str | None:
 
 
 def create_app(engine, tokenizer, *, model_name: str, api_key: str | None = None,
-               limits: ServeLimits = ServeLimits(), moderator=None) -> FastAPI:
+               limits: ServeLimits = ServeLimits(), moderator=None, index=None,
+               grounding: GroundingConfig = GroundingConfig()) -> FastAPI:
     """The app over a running engine. The app owns the engine from here: it closes it at shutdown, after
     the last in-flight request has been answered. `moderator`: a SafetyClassifier (or anything with
-    score(texts) -> array and threshold) that moderates requests and replies and answers /v1/moderations."""
+    score(texts) -> array and threshold) that moderates requests and replies and answers /v1/moderations.
+    `index`: a tweetlm.search.index.Index (the caller's to close) for /v1/posts, /v1/search and grounding."""
     metrics = Metrics()
     moderation = _Moderation(moderator, metrics) if moderator is not None else None
-    service = _Service(engine, tokenizer, model_name, limits, metrics, moderation)
+    grounder = Grounding(index, tokenizer, engine.max_seq_len, grounding, metrics)
+    service = _Service(engine, tokenizer, model_name, limits, metrics, moderation, grounder)
     created = schemas.now()
     page = (STATIC / "index.html").read_text()
 
@@ -555,4 +565,6 @@ def create_app(engine, tokenizer, *, model_name: str, api_key: str | None = None
                            code="not_found")
         return schemas.moderation(await moderation.scores(body.input), moderation.threshold)
 
+    grounder.routes(app, guarded)
+    add_task_routes(app, service, guarded)
     return app

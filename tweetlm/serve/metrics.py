@@ -39,6 +39,8 @@ class Metrics:
         self.ttft = Histogram()
         self.in_flight = 0  # generation requests being answered, streams included
         self.refused: Counter[str] = Counter()  # by --moderate: "input" (requests), "output" (choices stopped)
+        self.grounded = 0  # chat requests grounded on the posts index
+        self.citations: Counter[str] = Counter()  # [post:ID] markers in grounded answers: "kept", "stripped"
 
     def render(self, stats: dict) -> str:
         lines = ["# HELP tweetlm_requests_total HTTP requests answered, by route and status.",
@@ -53,6 +55,11 @@ class Metrics:
         lines += ["# HELP tweetlm_moderation_refusals_total Requests refused for toxic input, and choices stopped for "
                   "toxic output (--moderate).", "# TYPE tweetlm_moderation_refusals_total counter"]
         lines += [f'tweetlm_moderation_refusals_total{{stage="{stage}"}} {self.refused[stage]}' for stage in ("input", "output")]
+        lines += ["# HELP tweetlm_grounded_requests_total Chat requests grounded on posts from the index (--index).",
+                  "# TYPE tweetlm_grounded_requests_total counter", f"tweetlm_grounded_requests_total {self.grounded}",
+                  "# HELP tweetlm_citations_total Citations [post:ID] in grounded answers: kept (the post was in the "
+                  "prompt and is in the index) or stripped.", "# TYPE tweetlm_citations_total counter"]
+        lines += [f'tweetlm_citations_total{{outcome="{o}"}} {self.citations[o]}' for o in ("kept", "stripped")]
         for name, kind, value, help in (
             ("prompt_tokens_total", "counter", stats["prompt_tokens_total"], "Prompt tokens prefilled."),
             ("completion_tokens_total", "counter", stats["completion_tokens_total"], "Tokens generated."),

@@ -1,21 +1,29 @@
 """The OpenAI wire format: request bodies (validated by pydantic) and the response objects, as plain dicts.
 
 Requests follow OpenAI's field names, defaults and ranges (platform.openai.com/docs/api-reference), plus
-`top_k` as vLLM has it (0 or -1: off). A field sent as null takes its default, as OpenAI does. Other
-OpenAI fields are ignored, except those that would change the answer and are not built (tools,
-functions, response_format, logit_bias, suffix): those are refused rather than silently dropped.
+`top_k` as vLLM has it (0 or -1: off), and chat's `grounding` fields (serve/grounding.py). A field sent as
+null takes its default, as OpenAI does. Other OpenAI fields are ignored, except those that would change the
+answer and are not built (tools, functions, response_format, logit_bias, suffix): those are refused rather
+than silently dropped. POST /v1/posts (tweetlm's own) is validated here too.
 """
 
 import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator,
+                      model_validator)
+
+from tweetlm.search.ground import MAX_ID_CHARS
+from tweetlm.search.index import to_unix
 
 MAX_N = 16  # choices per request: each is one sequence in the engine's batch
 MAX_STOP = 4  # stop strings, as OpenAI
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and the engine's limit
 _UNSUPPORTED = ("tools", "functions", "response_format", "logit_bias", "suffix")
+MAX_GROUNDING_K = 50  # posts one question retrieves; the prompt's token budget may keep fewer
+MAX_POSTS = 1000  # posts in one POST /v1/posts: ~0.3 MB of 280-character posts, under the 1 MiB body limit
+MAX_POST_CHARS = 25_000  # X's longest posts (Premium) are 25,000 characters
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
@@ -133,10 +141,66 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    # grounding on the server's posts index (serve/grounding.py); the openai client sends them in extra_body
+    grounding: bool | None = None  # None: the server's default (`serve --ground`)
+    grounding_k: int | None = Field(None, ge=1, le=MAX_GROUNDING_K)  # None: the server's (`--ground-k`)
+    grounding_since: str | float | None = None  # only posts from then on: ISO time, duration ("24h") or unix seconds
+
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs is only allowed when logprobs is true")
+        return self
+
+
+def _post_id(value: str) -> str:
+    if not 1 <= len(value) <= MAX_ID_CHARS or any(c.isspace() or c in "[]" for c in value):
+        raise ValueError(f"{value[:40]!r}: an id is 1 to {MAX_ID_CHARS} characters without whitespace or brackets "
+                         "(so that an answer can cite it as [post:ID])")
+    return value
+
+
+PostId = Annotated[str, AfterValidator(_post_id)]
+Field128 = Annotated[str, StringConstraints(max_length=128)]
+
+
+class IndexPost(BaseModel):
+    """A post for the index; created_at as ISO 8601 (no zone: UTC) or unix seconds."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: PostId
+    text: str = Field(min_length=1, max_length=MAX_POST_CHARS)
+    created_at: str | float | None = None
+    author_id: Field128 | None = None
+    lang: Field128 | None = None
+    conversation_id: PostId | None = None
+    in_reply_to_id: PostId | None = None
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso(cls, value):
+        if isinstance(value, float):
+            if not 0 <= value < 253402300800:  # 1970 to 9999 (NaN fails too)
+                raise ValueError(f"{value} unix seconds is not a time between 1970 and 9999")
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        if value is not None and to_unix(value) is None:
+            raise ValueError(f"{value[:40]!r} is not an ISO 8601 time (2024-05-01T12:00:00Z) or unix seconds")
+        return value
+
+
+class PostsRequest(BaseModel):
+    """POST /v1/posts: posts to add to the index, or to update (same id)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    posts: list[IndexPost] = Field(min_length=1, max_length=MAX_POSTS)
+
+    @model_validator(mode="after")
+    def _distinct_ids(self):
+        first = {}
+        for i, post in enumerate(self.posts):
+            if post.id in first:
+                raise ValueError(f"posts[{i}].id {post.id!r} repeats posts[{first[post.id]}].id: send each post once")
+            first[post.id] = i
         return self
 
 
@@ -155,6 +219,16 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
                code: str | None = None) -> dict:
     """OpenAI's error object; the HTTP status carries the class (400, 401, 404, 408, 413, 429)."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An OpenAI error object with its HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = error_body(message, type=type, param=param, code=code)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -14,6 +14,7 @@ import uvicorn
 
 from tweetlm.errors import UserError
 from tweetlm.serve.app import ServeLimits, create_app
+from tweetlm.serve.grounding import GroundingConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +29,8 @@ class ServeConfig:
     limits: ServeLimits = field(default_factory=ServeLimits)
     moderate: Path | None = None  # a `tweetlm safety train` folder: moderate requests and replies
     moderate_threshold: float | None = None  # default: the classifier's own
+    index: Path | None = None  # a posts index (made if missing): /v1/posts, /v1/search, grounded chat
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
     log_level: str = "info"
 
     def __post_init__(self):
@@ -37,6 +40,8 @@ class ServeConfig:
             raise UserError(f"--max-batch-size {self.max_batch_size}: must be at least 1")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("the API key is empty: give a non-empty key or none")
+        if self.grounding.default and self.index is None:
+            raise UserError("--ground needs a posts index: add --index INDEX (made by `tweetlm index add`)")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -63,10 +68,13 @@ def uvicorn_server(app, limits: ServeLimits, log_level: str = "info") -> uvicorn
 
 def serve(cfg: ServeConfig) -> None:
     from tweetlm.infer.engine import Engine
+    from tweetlm.search.index import Index
     from tweetlm.train.checkpoint import load_model
 
     sock = bind(cfg.host, cfg.port)  # first: a taken port fails at once, not after loading the model
+    index = None
     try:
+        index = Index(cfg.index) if cfg.index is not None else None
         moderator = None
         if cfg.moderate is not None:
             from tweetlm.eval.safety import SafetyClassifier
@@ -75,15 +83,22 @@ def serve(cfg: ServeConfig) -> None:
         model, tokenizer = load_model(cfg.run, device=cfg.device)
     except BaseException:
         sock.close()
+        if index is not None:
+            index.close()
         raise
     name = cfg.model_name or Path(cfg.run).resolve().name
     engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size)
-    app = create_app(engine, tokenizer, model_name=name, api_key=cfg.api_key, limits=cfg.limits, moderator=moderator)
+    app = create_app(engine, tokenizer, model_name=name, api_key=cfg.api_key, limits=cfg.limits, moderator=moderator,
+                     index=index, grounding=cfg.grounding)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving {name} ({cfg.device}, context {engine.max_seq_len} tokens) at {url}: web chat at {url}/, "
           f"OpenAI API at {url}/v1{', API key required' if cfg.api_key else ''}"
           f"{f', moderated at threshold {moderator.threshold:.3f}' if moderator else ''}", flush=True)
+    if index is not None:
+        print(f"posts index {cfg.index} ({index.count:,} posts): {url}/v1/posts, {url}/v1/search; chat answers "
+              f"grounded {'by default' if cfg.grounding.default else 'on request'} "
+              f"({cfg.grounding.k} posts, at most {cfg.grounding.tokens} tokens)", flush=True)
     # uvicorn re-raises the signal it stopped on once it has shut down gracefully: SIGTERM then ends
     # the process like Ctrl-C, with exit code 0, instead of killing it by the default action
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -94,4 +109,6 @@ def serve(cfg: ServeConfig) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         engine.close()  # already closed by the app at shutdown; this covers a failed startup
+        if index is not None:
+            index.close()
     print("server stopped", flush=True)

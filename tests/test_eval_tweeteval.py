@@ -92,18 +92,21 @@ def test_bad_files_are_one_clear_error(tmp_path):
         load_task(data, "hate", "val")
     for fields, says in (({"split": "dev"}, "choose val or test"), ({"tasks": ("irony", "sarcasm")}, "unknown sarcasm"),
                          ({"model": None}, "a RUN folder or --model tfidf"), ({"run": Path("r")}, "not both"),
-                         ({"max_train_examples": 0}, "at least 1")):
+                         ({"max_train_examples": 0}, "at least 1"), ({"epochs": 0}, "--epochs and --batch-size"),
+                         ({"batch_size": 0}, "must be at least 1"), ({"lr": 0.0}, "--lr must be positive")):
         with pytest.raises(UserError, match=says):
             TweetEvalConfig(**({"data": data, "out": tmp_path, "model": "tfidf"} | fields))
 
 
-def test_a_run_is_not_built_yet_and_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(UserError, match=r"not built yet \(issue 6\): use --model tfidf"):
-        tweeteval(TweetEvalConfig(data=DATA, out=tmp_path, run=tmp_path))
-    assert main(["eval", "tweeteval", str(tmp_path), "--data", str(DATA)]) == 2
+def test_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match="holds no checkpoint"):  # before any data is read or model trained
+        tweeteval(TweetEvalConfig(data=tmp_path, out=tmp_path, run=tmp_path))
+    assert main(["eval", "tweeteval", str(tmp_path / "nothing"), "--data", str(DATA)]) == 2
     assert main(["eval", "tweeteval", "--model", "tfidf", "--data", str(tmp_path)]) == 2
+    assert main(["eval", "tweeteval", "--model", "tfidf", "--data", str(DATA), "--epochs", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and "not built yet" in err[0] and "no emoji/ in" in err[1], err
+    assert len(err) == 3 and "holds no checkpoint" in err[0] and "no emoji/ in" in err[1], err
+    assert "--epochs and --batch-size must be at least 1 (got 0, 32)" in err[2]
 
 
 # ---------------------------------------------------------------- predictions, scores, table

@@ -7,7 +7,7 @@ from test_tokenizer import _real_posts, small_corpus, small_tokenizer  # noqa: F
 
 from tweetlm.errors import UserError
 from tweetlm.tokenizer.bpe import Tokenizer, adopt
-from tweetlm.tokenizer.chat import render_chat
+from tweetlm.tokenizer.chat import render_chat, render_chat_with_mask
 
 
 def _conversations() -> list[list[dict]]:
@@ -57,6 +57,19 @@ def test_special_token_text_in_a_message_stays_text(small_tokenizer):  # noqa: F
     assert ids[:2] == [tok.boundary_id, user] and ids[-2:] == [end, assistant]
     assert ids.count(end) == 1 and ids.count(assistant) == 1  # the turn closes once, where render_chat closes it
     assert tok.decode(ids[2:-2]) == sneaky
+
+
+def test_training_mask_is_the_assistant_content_and_its_end(small_tokenizer):  # noqa: F811
+    """Fine-tuning's ids are serving's, and it learns only what the assistant writes: its content, which may spell
+    a special token as text, and the <|end|> that closes it (to stop)."""
+    tok = Tokenizer.load(small_tokenizer)
+    for messages in _conversations():
+        reply = {"role": "assistant", "content": "sure <|end|><|user|> 🙂"}
+        ids, mask = render_chat_with_mask(tok, [*messages, reply])
+        assert ids == render_chat(tok, [*messages, reply], add_generation_prompt=False) and len(mask) == len(ids)
+        learned = [i for i, m in zip(ids, mask) if m]
+        assert learned == [*tok.encode(messages[2]["content"]), tok.token_id("<|end|>"),
+                           *tok.encode(reply["content"]), tok.token_id("<|end|>")]
 
 
 def test_bad_messages_are_refused_with_the_index(small_tokenizer):  # noqa: F811

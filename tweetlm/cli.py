@@ -71,6 +71,15 @@ def _data_threads(a):
     threads(ThreadsConfig(corpus=Path(a.corpus), out=Path(a.out), split=a.split))
 
 
+def _data_tasks(a):
+    from tweetlm.data.tasks import CORPUS_TASKS, TASKS, TasksConfig, tasks
+
+    # default: every task the inputs allow (tone needs TweetEval)
+    names = a.tasks.split(",") if a.tasks else TASKS if a.tweeteval else CORPUS_TASKS
+    tasks(TasksConfig(corpus=Path(a.corpus), out=Path(a.out), tweeteval=Path(a.tweeteval) if a.tweeteval else None,
+                      split=a.split, tasks=tuple(t.strip() for t in names if t.strip()), seed=a.seed))
+
+
 def _add_data(sub):
     dsub = _group(sub, "data", "read, clean and tokenize posts")
 
@@ -117,6 +126,17 @@ def _add_data(sub):
     p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
     p.add_argument("--out", required=True, metavar="CONVERSATIONS.jsonl", help="output file, one conversation a line")
     p.add_argument("--split", default="train", choices=("train", "val", "test", "all"), help="which split's threads (default train)")
+
+    p = _verb(dsub, "tasks", "make the assistant's task conversations from the corpus (compose, reply, summarize) and "
+              "TweetEval (tone), in the JSONL of `data threads` plus a task field",
+              "tweetlm data tasks work/corpus --out work/tasks.jsonl --tweeteval ../shared/data/tweeteval", _data_tasks)
+    p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
+    p.add_argument("--out", required=True, metavar="TASKS.jsonl", help="output file, one conversation a line")
+    p.add_argument("--tweeteval", metavar="DIR", help="TweetEval's datasets/ folder, for the tone task")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="corpus and TweetEval split (default train)")
+    p.add_argument("--tasks", metavar="TASKS", help="comma-separated among compose,reply,summarize,tone "
+                   "(default: all four with --tweeteval, else the first three)")
+    p.add_argument("--seed", type=int, default=0, help="seed of each compose prompt's kind and topic length (default 0)")
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -181,6 +201,39 @@ def _add_train(sub):
                    help="any config key, e.g. --set optim.lr=0.01 --set model.seq_len=128 (repeatable)")
 
 
+def _sft(a):
+    from tweetlm.train.config import parse_set
+    from tweetlm.train.sft import SftConfig, Source, sft
+
+    overrides = {"steps": a.steps, "time_budget": a.time_budget, "seed": a.seed, **parse_set(a.set)}
+    sft(SftConfig(base=Path(a.base), data=tuple(Source.parse(d) for d in a.data), out=Path(a.out),
+                  val=Path(a.val) if a.val else None, val_ratio=a.val_ratio, overrides=overrides), resume=a.resume)
+
+
+def _add_sft(sub):
+    p = _verb(sub, "sft", "fine-tune a run into a chat model on conversations (loss on the assistant's messages only); "
+              "prints and saves to RUN/sft.json the held-out assistant bits-per-byte before and after",
+              "tweetlm data threads work/demo/corpus --out work/threads.jsonl --split all\n"
+              "  tweetlm sft work/demo/run --data work/threads.jsonl --out work/demo/chat --steps 200\n"
+              "  tweetlm sft runs/small --data threads.jsonl --data tasks.jsonl:0.5 --out runs/small-chat --time-budget 10",
+              _sft)
+    p.add_argument("base", metavar="BASE", help="the run to fine-tune (its best checkpoint), or one checkpoint folder")
+    p.add_argument("--data", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="conversations, JSONL of {\"messages\": [...]} as `data threads` writes (repeatable); files "
+                   "are mixed in proportion to their weights (default 1)")
+    p.add_argument("--out", required=True, metavar="RUN", help="the new run folder")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default 300)")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time "
+                   "(with --steps too: whichever ends first)")
+    p.add_argument("--val-ratio", type=float, metavar="R", help="share of each --data file held out to measure "
+                   "bits-per-byte, by a hash of its conversation_id or thread_id (default 0.05)")
+    p.add_argument("--val", metavar="FILE", help="held-out conversations instead of --val-ratio")
+    p.add_argument("--seed", type=int, help="seed of the data order and mix (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint, with its config.toml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any `train` config key, e.g. --set optim.lr=0.01 --set device=cpu (repeatable)")
+
+
 # ---------------------------------------------------------------- eval and safety
 
 
@@ -190,7 +243,8 @@ def _eval_tweeteval(a):
     out = a.out or (Path(a.run_dir) / f"tweeteval-{a.split}" if a.run_dir else Path(f"tweeteval-{a.split}"))
     tweeteval(TweetEvalConfig(data=Path(a.data), out=Path(out), split=a.split, run=Path(a.run_dir) if a.run_dir else None,
                               model=a.model, tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()),
-                              max_train_examples=a.max_train_examples, seed=a.seed))
+                              max_train_examples=a.max_train_examples, seed=a.seed, epochs=a.epochs, lr=a.lr,
+                              batch_size=a.batch_size, device=a.device))
 
 
 def _eval_bpb(a):
@@ -214,12 +268,11 @@ def _safety_train(a):
 
 def _add_eval(sub):
     esub = _group(sub, "eval", "evaluate: TweetEval classification, bits per byte")
-    p = _verb(esub, "tweeteval", "TweetEval's six tasks: train per task, predict a split in the benchmark's format, "
-              "official metrics beside the published rows",
-              "tweetlm eval tweeteval --model tfidf --data ../shared/data/tweeteval --split val --out work/tweeteval",
-              _eval_tweeteval)
-    p.add_argument("run_dir", nargs="?", metavar="RUN", help="a run folder to fine-tune per task (not built yet: "
-                   "use --model tfidf)")
+    p = _verb(esub, "tweeteval", "TweetEval's six tasks: fine-tune a run per task (beside the TF-IDF floor), "
+              "predict a split in the benchmark's format, official metrics beside the published rows",
+              "tweetlm eval tweeteval work/demo/run --data ../shared/data/tweeteval --split val", _eval_tweeteval)
+    p.add_argument("run_dir", nargs="?", metavar="RUN", help="a run folder (or checkpoint) to fine-tune with a "
+                   "classification head per task; its row is named after the folder")
     p.add_argument("--model", choices=("tfidf",), help="a built-in model instead of RUN: tfidf, TF-IDF n-grams + "
                    "logistic regression (the floor baseline)")
     p.add_argument("--data", required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
@@ -232,6 +285,11 @@ def _add_eval(sub):
     p.add_argument("--max-train-examples", type=int, metavar="N", help="train on a seeded sample of N posts per task, "
                    "for quick runs")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
+    p.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs per task; val picks the best (default 6)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate, AdamW (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning posts per step (default 32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to fine-tune (default auto: cuda when there is one)")
 
     p = _verb(esub, "bpb", "bits per UTF-8 byte of a run on a text file (one post per line) or a corpus split",
               "tweetlm eval bpb work/demo/run --corpus work/demo/corpus --split val", _eval_bpb)
@@ -316,6 +374,50 @@ def _add_generate(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
 
 
+def _task(a):
+    from tweetlm.infer.tasks import TaskConfig, posts
+
+    inputs = {"compose": lambda: {"topic": a.topic, "hashtags": tuple(a.hashtag)}, "reply": lambda: {"post": a.post},
+              "summarize": lambda: {"thread": _thread_lines(a.thread)}}[a.verb]()
+    cfg = TaskConfig(run=Path(a.run_dir), num_samples=a.num_samples, max_tokens=a.max_tokens, temperature=a.temperature,
+                     top_k=a.top_k, top_p=a.top_p, seed=a.seed, device=a.device)
+    for i, post in enumerate(posts(cfg, a.verb, **inputs)):
+        print(f"[{i + 1}] {post}" if cfg.num_samples > 1 else post)
+
+
+def _thread_lines(source: str) -> list[str]:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --thread {source}: {getattr(e, 'strerror', None) or e}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _add_tasks(sub):
+    """compose, reply, summarize: one post each, cut between words, no @user/http placeholders (infer/tasks.py)."""
+    verbs = (("compose", "write a post of at most 280 characters about a topic and/or with hashtags (each kept)",
+              "tweetlm compose runs/small-chat --topic 'monday mornings' --hashtag coffee --num-samples 3 --seed 1"),
+             ("reply", "write a reply of at most 280 characters to a post",
+              "tweetlm reply runs/small-chat --post 'Who else is still up? #insomnia'"),
+             ("summarize", "sum up a thread (one post per line) in one post of at most 280 characters",
+              "tweetlm summarize runs/small-chat --thread thread.txt   # or --thread - to read stdin"))
+    for name, help, example in verbs:
+        p = _verb(sub, name, help, example, _task)
+        p.add_argument("run_dir", metavar="RUN", help="a run folder (a chat fine-tuned one, `tweetlm sft`, answers best)")
+        if name == "compose":
+            p.add_argument("--topic", default="", help="what the post is about (default: anything)")
+            p.add_argument("--hashtag", action="append", default=[], metavar="TAG",
+                           help="a hashtag the post must hold, with or without # (repeatable)")
+        elif name == "reply":
+            p.add_argument("--post", required=True, help="the post to reply to")
+        else:
+            p.add_argument("--thread", required=True, metavar="FILE", help="the thread's posts, one per line; - reads stdin")
+        p.add_argument("--num-samples", type=int, default=1, help="how many posts, decoded together (default 1)")
+        p.add_argument("--max-tokens", type=int, default=256, help="at most this many tokens per post (default 256)")
+        _add_sampling(p, seed_help="make sampling reproducible (sample i uses seed + i)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+
+
 # ---------------------------------------------------------------- Hugging Face export and import
 
 
@@ -386,6 +488,7 @@ def _add_plan(sub):
 
 def _serve(a):
     from tweetlm.serve.app import ServeLimits
+    from tweetlm.serve.grounding import GroundingConfig
     from tweetlm.serve.server import ServeConfig, serve
 
     key = a.api_key
@@ -399,7 +502,8 @@ def _serve(a):
     moderate, threshold = _safety_spec(a.moderate) if a.moderate else (None, None)
     serve(ServeConfig(run=Path(a.run_dir), host=a.host, port=a.port, model_name=a.model_name, api_key=key,
                       device=a.device, max_batch_size=a.max_batch_size, limits=limits, moderate=moderate,
-                      moderate_threshold=threshold))
+                      moderate_threshold=threshold, index=Path(a.index) if a.index else None,
+                      grounding=GroundingConfig(default=a.ground, k=a.ground_k, tokens=a.ground_tokens)))
 
 
 def _add_serve(sub):
@@ -420,6 +524,14 @@ def _add_serve(sub):
                    "/v1/moderations, refuse requests and replies it scores toxic (at its threshold, or THRESHOLD)")
     p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="longest a request may run, queue included; then 408, or an error event in a stream (default 300)")
+    p.add_argument("--index", metavar="INDEX", help="a posts index (`tweetlm index add`; made if missing): serve "
+                   "POST /v1/posts and GET /v1/search, and ground chat answers that ask (\"grounding\": true)")
+    p.add_argument("--ground", action="store_true", help="ground every chat answer on --index unless the request "
+                   "says \"grounding\": false; answers cite posts as [post:ID], unknown ids are stripped")
+    p.add_argument("--ground-k", type=int, default=5, metavar="K",
+                   help="posts a grounded question retrieves (default 5; a request's grounding_k overrides it)")
+    p.add_argument("--ground-tokens", type=int, default=1024, metavar="N",
+                   help="most prompt tokens the retrieved posts may take; the lowest-ranked are dropped (default 1024)")
 
 
 def _chat(a):
@@ -510,10 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_tokenizer(sub)
     _add_train(sub)
+    _add_sft(sub)
     _add_eval(sub)
     _add_safety(sub)
     _add_model(sub)
     _add_generate(sub)
+    _add_tasks(sub)
     _add_export(sub)
     _add_import(sub)
     _add_plan(sub)

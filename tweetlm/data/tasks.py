@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from tweetlm.data.clean import normalize
 from tweetlm.data.corpus import SPLITS, shard_paths
-from tweetlm.data.threads import ThreadStats, _Forest
+from tweetlm.data.threads import ThreadStats, Forest
 from tweetlm.errors import UserError
 
 LIMIT = 280  # characters of a post, as X counts them for most text; here Python str characters
@@ -221,7 +221,7 @@ def tasks(cfg: TasksConfig) -> dict:
     rows = _rows(cfg.corpus, cfg.split) if set(cfg.tasks) & set(CORPUS_TASKS) else []
     if rows:
         print(f"data tasks: {len(rows):,} posts of {cfg.split} read from {cfg.corpus}", flush=True)
-    forest = _Forest(rows, ThreadStats()) if {"reply", "summarize"} & set(cfg.tasks) else None
+    forest = Forest(rows, ThreadStats()) if {"reply", "summarize"} & set(cfg.tasks) else None
     makers = {"compose": lambda s: _compose(rows, cfg.seed, s), "reply": lambda s: _reply(forest, s),
               "summarize": lambda s: _summarize(forest, s),
               "tone": lambda s: _tone(Path(cfg.tweeteval or ""), cfg.split, s, missing)}
@@ -299,7 +299,7 @@ def _compose(rows: list[dict], seed: int, stats: TaskStats) -> Iterator[dict]:
                        conversation_id=row["conversation_id"])
 
 
-def _roots(forest: _Forest) -> list[int]:
+def _roots(forest: Forest) -> list[int]:
     """Each node's thread root."""
     root = list(range(len(forest.id)))
     for r in forest.roots:
@@ -311,7 +311,7 @@ def _roots(forest: _Forest) -> list[int]:
     return root
 
 
-def _reply(forest: _Forest, stats: TaskStats) -> Iterator[dict]:
+def _reply(forest: Forest, stats: TaskStats) -> Iterator[dict]:
     root = _roots(forest)
     for node, parent in enumerate(forest.parent):
         if parent == -1:
@@ -325,7 +325,7 @@ def _reply(forest: _Forest, stats: TaskStats) -> Iterator[dict]:
                        thread_id=forest.id[root[node]], conversation_id=forest.conversation[root[node]])
 
 
-def _summarize(forest: _Forest, stats: TaskStats) -> Iterator[dict]:
+def _summarize(forest: Forest, stats: TaskStats) -> Iterator[dict]:
     for r in forest.roots:
         longest = []
         for path in forest.paths(r):

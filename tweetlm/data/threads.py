@@ -100,7 +100,7 @@ def threads(cfg: ThreadsConfig) -> dict:
 def conversations(rows: Iterable[dict], stats: ThreadStats) -> Iterator[dict]:
     """The conversations of all threads in `rows` (dicts with the corpus columns id, author_id, created_at,
     conversation_id, in_reply_to_id, clean_text); `stats` is filled in as they go (module docstring)."""
-    forest = _Forest(rows, stats)
+    forest = Forest(rows, stats)
     written = set()  # last post of each written conversation: paths that end the same way are one
     for root in forest.roots:
         depth = 0
@@ -134,7 +134,7 @@ def _turns(path: list[int], author: list) -> list[list[int]]:
     return turns
 
 
-class _Forest:
+class Forest:
     """The reply trees of a set of posts, as parallel lists indexed by node number (input order)."""
 
     def __init__(self, rows: Iterable[dict], stats: ThreadStats):

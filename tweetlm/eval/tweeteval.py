@@ -1,6 +1,7 @@
 """`tweetlm eval tweeteval`: TweetEval (Barbieri et al., Findings of EMNLP 2020), six tweet classification tasks.
 
-    tweetlm eval tweeteval --model tfidf --data ../shared/data/tweeteval --split val
+    tweetlm eval tweeteval work/demo/run --data ../shared/data/tweeteval --split val   # a run, fine-tuned per task
+    tweetlm eval tweeteval --model tfidf --data ../shared/data/tweeteval --split val   # the floor alone
 
 DATA is laid out as TweetEval's own `datasets/` folder: TASK/{split}_text.txt (one tweet per line),
 TASK/{split}_labels.txt (one label id per line), TASK/mapping.txt (id, tab, name); stance has one such folder
@@ -12,9 +13,11 @@ and printed beside the published rows, and everything goes to OUT/scores.json.
 
 A model plugs in as a `Predictor`: `predict(dataset, *, seed, progress) -> label ids` for dataset.eval.texts,
 trained on dataset.train and tuned on dataset.val (never on eval's labels), reporting through `progress` (a
-tqdm bar: set its total, update it). `tfidf_baseline` is the floor: TF-IDF n-grams + logistic regression
-(ngrams.py), its C chosen on val by the task's official metric. When the split asked is val, the baseline is
-scored on the split it was tuned on, so its val scores are a little optimistic.
+tqdm bar: set its total, update it). A run is fine-tuned with a classification head per task (finetune.py),
+its row named after its folder, and the floor is trained beside it in the same table: `tfidf_baseline`, TF-IDF
+n-grams + logistic regression (ngrams.py), its C chosen on val by the task's official metric. When the split
+asked is val, both are scored on the split they were tuned on (the run's epoch, the floor's C), so their val
+scores are a little optimistic.
 """
 
 import json
@@ -85,10 +88,15 @@ class TweetEvalConfig:
     out: Path
     split: str = "val"
     tasks: tuple[str, ...] = TASKS
-    run: Path | None = None  # a language-model run to fine-tune per task (not built yet)
+    run: Path | None = None  # a language-model run to fine-tune per task (finetune.py), beside the floor baseline
     model: str | None = None  # "tfidf": the floor baseline alone
     max_train_examples: int | None = None  # a seeded sample of each train split, for quick runs
     seed: int = 0
+    # fine-tuning a run (finetune.py, whose docstring has the val figures these defaults were chosen by)
+    epochs: int = 6
+    lr: float = 1e-3
+    batch_size: int = 32
+    device: str = "auto"  # "auto": cuda when there is one
 
     def __post_init__(self):
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -100,6 +108,9 @@ class TweetEvalConfig:
             (self.model not in (None, "tfidf"), f"--model {self.model!r}: the only built-in model is tfidf"),
             (self.max_train_examples is not None and self.max_train_examples < 1,
              f"--max-train-examples must be at least 1 (got {self.max_train_examples})"),
+            (self.epochs < 1 or self.batch_size < 1,
+             f"--epochs and --batch-size must be at least 1 (got {self.epochs}, {self.batch_size})"),
+            (not self.lr > 0, f"--lr must be positive (got {self.lr})"),
         ]
         for failed, message in checks:
             if failed:
@@ -107,10 +118,17 @@ class TweetEvalConfig:
 
 
 def tweeteval(cfg: TweetEvalConfig) -> dict:
-    """The verb: the TF-IDF baseline today; a run's fine-tuned classifier beside it once issue 6 builds it."""
-    if cfg.run is not None:
-        raise UserError("fine-tuning a run on TweetEval is not built yet (issue 6): use --model tfidf")
-    return evaluate(cfg, {"tfidf": tfidf_baseline})
+    """The verb: a run fine-tuned per task (row named after the run's folder) beside the TF-IDF floor (a minute
+    or two, most of it emoji's fits: ngrams.py); or the floor alone (--model tfidf)."""
+    if cfg.run is None:
+        return evaluate(cfg, {"tfidf": tfidf_baseline})
+    from tweetlm.eval.finetune import finetuner  # torch loads only when a run is fine-tuned
+
+    name = Path(cfg.run).resolve().name
+    if name == "tfidf":
+        raise UserError(f"{cfg.run}: a run folder named tfidf would share the floor baseline's row; rename it")
+    predict = finetuner(cfg.run, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
+    return evaluate(cfg, {name: predict, "tfidf": tfidf_baseline})
 
 
 def evaluate(cfg: TweetEvalConfig, predictors: dict[str, Predictor]) -> dict:

@@ -144,16 +144,22 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean"):
-        """tokens [B, T] -> logits [B, T, V] (fp32), or with targets [B, T] the cross-entropy loss:
-        a scalar for reduction="mean", [B, T] for "none" (0 where targets == IGNORE_INDEX)."""
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> the final normed hidden states [B, T, D] that the output head reads (a
+        classification head pools them: eval/finetune.py). Causal: position t sees tokens 0..t only."""
         B, T = tokens.shape
         assert T <= self.config.max_seq_len, f"{T} positions > max_seq_len {self.config.max_seq_len}"
         cos, sin = rotary(torch.arange(T, device=tokens.device), self.config.head_dim, self.config.rope_theta)
         x = self.embed(tokens)  # [B, T, D]
         for block in self.blocks:
             x = block(x, cos, sin)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean"):
+        """tokens [B, T] -> logits [B, T, V] (fp32), or with targets [B, T] the cross-entropy loss:
+        a scalar for reduction="mean", [B, T] for "none" (0 where targets == IGNORE_INDEX)."""
+        B, T = tokens.shape
+        x = self.hidden(tokens)  # [B, T, D]
         logits = F.linear(x, self.embed.weight if self.output is None else self.output.weight).float()  # [B, T, V]
         if targets is None:
             return logits

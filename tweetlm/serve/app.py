@@ -322,9 +322,9 @@ class _Service:
         try:
             return work.result()
         except TimeoutError:
-            raise self._timeout() from None
+            raise self.timeout() from None
 
-    def _timeout(self) -> APIError:
+    def timeout(self) -> APIError:
         return APIError(408, f"the request ran past the server's limit of {self.limits.request_timeout:g} s: "
                              "ask for fewer tokens or retry later", type="timeout_error", code="request_timeout")
 
@@ -350,7 +350,7 @@ class _Service:
                 if delta.text or delta.logprobs or delta.finish_reason:
                     yield _sse(chunk(i, delta))
         except TimeoutError:  # the 200 status is sent: the error travels as an event (the openai client raises it)
-            yield _sse(self._timeout().body)
+            yield _sse(self.timeout().body)
         except RuntimeError as e:  # the engine failed
             yield _sse(error_body(str(e), type="server_error"))
         if include_usage:

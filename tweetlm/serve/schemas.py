@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class Sampling(BaseModel):
     """Fields both endpoints share. strict: "10" is not a number, 1 is not a boolean (as OpenAI)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -76,7 +76,7 @@ class _Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(Sampling):
     """POST /v1/completions. A list of prompts gives n choices per prompt, indexed prompt * n + j."""
 
     prompt: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1)
@@ -133,7 +133,7 @@ class ModerationRequest(BaseModel):
     model: str | None = None
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(Sampling):
     """POST /v1/chat/completions. max_tokens unset: the reply may fill the rest of the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)

@@ -26,7 +26,7 @@ from tweetlm.errors import UserError
 from tweetlm.infer import tasks
 from tweetlm.infer.engine import SamplingParams
 from tweetlm.serve import schemas
-from tweetlm.serve.schemas import APIError, _Sampling
+from tweetlm.serve.schemas import APIError, Sampling
 
 TASK_ROUTES = ("/v1/compose", "/v1/reply", "/v1/summarize")
 
@@ -39,7 +39,7 @@ def _checked(check, value):
         raise ValueError(str(e)) from None
 
 
-class _TaskRequest(_Sampling):
+class _TaskRequest(Sampling):
     max_tokens: int = Field(256, ge=1)  # infer/tasks.py: a post of 280 characters is ~70 tokens of English
 
     @model_validator(mode="after")
@@ -130,7 +130,7 @@ async def _answer(service, http: Request, body: _TaskRequest, task: str, texts: 
     if work not in done:
         if gone in done:
             return Response(status_code=499)  # nginx's "client closed request", as the OpenAI routes
-        raise service._timeout()
+        raise service.timeout()
     text, finish = work.result(), "stop"
     if service.moderation is not None and await service.moderation.flagged(text):
         service.metrics.refused["output"] += 1

@@ -113,7 +113,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    tokens: Path  # token shards folder (`tweetlm data tokenize`)
+    tokens: Path | None = None  # token shards folder (`tweetlm data tokenize`); fine-tuning (train/sft.py) reads none
     out: Path  # the run folder
     # The tokenizer the shards were made with (folder or tokenizer.json), copied into the run. Default: the one
     # `data tokenize` saved beside the shards, else init_from's.
@@ -207,8 +207,8 @@ def _build(cls, raw: dict, prefix: str = ""):
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing: tokens or out
-        raise UserError(f"config is missing a required key ({e}): give --tokens and --out, or set them in the TOML") from None
+    except TypeError as e:  # a required field is missing: out
+        raise UserError(f"config is missing a required key ({e}): give --out, or set it in the TOML") from None
 
 
 def _parse_value(text: str):

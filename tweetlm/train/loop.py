@@ -1,5 +1,6 @@
-"""train(cfg): the one training loop (pretraining today; fine-tuning passes its own batches), in one process
-or in each of the processes torchrun starts (docs/distributed.md).
+"""train(cfg): the one training loop, for pretraining on token shards and for fine-tuning (train/sft.py passes
+its own train and val batches of conversations), in one process or in each of the processes torchrun starts
+(docs/distributed.md).
 
     tweetlm train --tokens work/tokens --tokenizer work/tokenizer --out runs/tiny --preset tiny --steps 200
     torchrun --standalone --nproc-per-node 2 -m tweetlm train ... --parallel fsdp
@@ -46,29 +47,35 @@ from tweetlm.train.dist import (agree, all_reduce_sum, autocast, barrier, clip_g
 from tweetlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, batches=None, val=None) -> dict:
     """Train to cfg.steps or cfg.time_budget; returns the final metrics. `resume` continues RUN from its
     latest checkpoint. `batches` replaces the token-shard stream: any object with next() -> (inputs, targets)
     [B, T] and state_dict() / load_state_dict() (fine-tuning passes conversations with masked targets); with
-    several processes it yields this rank's share, as TokenBatches does, and its state is JSON."""
+    several processes it yields this rank's share, as TokenBatches does, and its state is JSON. `val` replaces
+    the val windows of the shards: a list of (inputs, targets), this rank's share, as many on every rank.
+    With both, cfg.tokens is not read (the tokenizer is then cfg.tokenizer's or init_from's)."""
     device = resolve_device(cfg.device)
     with process_group(device, cfg.parallel):
-        return _train(cfg, device, resume=resume, batches=batches)
+        return _train(cfg, device, resume=resume, batches=batches, val=val)
 
 
-def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches) -> dict:
+def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val) -> dict:
     seed_everything(cfg.seed, device)
     world, grad_accum = world_size(), cfg.grad_accum_per_rank(world_size())
     run = Path(cfg.out)
+    shards = batches is None or val is None  # token shards feed what the caller does not
+    if shards and cfg.tokens is None:
+        raise UserError("no training data: give token shards from `tweetlm data tokenize` (--tokens)")
     if resume and not (run / "config.toml").is_file():
         raise UserError(f"{run} is not a run folder (no config.toml): drop --resume to start a new run there")
     base, base_tokenizer = load_model(cfg.init_from) if cfg.init_from else (None, None)
     tokenizer = Tokenizer.load(run / "tokenizer.json") if resume else _tokenizer(cfg, base_tokenizer)  # a run keeps its own copy
-    index = read_index(cfg.tokens)
-    check_tokenizer(index, tokenizer)
-    if base_tokenizer is not None and base_tokenizer.hash != tokenizer.hash:
-        raise UserError(f"init_from {cfg.init_from} was trained with another tokenizer than {cfg.tokens}: tokenize "
-                        f"with that run's tokenizer (`tweetlm data tokenize CORPUS --tokenizer {cfg.init_from}`)")
+    if shards:
+        index = read_index(cfg.tokens)
+        check_tokenizer(index, tokenizer)
+        if base_tokenizer is not None and base_tokenizer.hash != tokenizer.hash:
+            raise UserError(f"init_from {cfg.init_from} was trained with another tokenizer than {cfg.tokens}: tokenize "
+                            f"with that run's tokenizer (`tweetlm data tokenize CORPUS --tokenizer {cfg.init_from}`)")
     # A model started from another run keeps its shape (its vocabulary may be padded past the tokenizer's).
     model_cfg = (dataclasses.replace(base.config, max_seq_len=cfg.model.seq_len) if base is not None
                  else cfg.model.resolve(vocab_size=tokenizer.vocab_size))
@@ -84,18 +91,19 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches) -> 
     forward = parallelize(model, parallel=cfg.parallel, device=device, compile=cfg.compile,
                           activation_checkpointing=cfg.activation_checkpointing)
     optimizers = build_optimizers(model, cfg.optim, device)  # after parallelize: under fsdp they hold the shards
-    seq_len, boundary = cfg.model.seq_len, index["boundary_id"]
+    seq_len = cfg.model.seq_len
     if batches is None:
-        batches = TokenBatches(open_split(cfg.tokens, "train"), boundary_id=boundary, seq_len=seq_len,
+        batches = TokenBatches(open_split(cfg.tokens, "train"), boundary_id=index["boundary_id"], seq_len=seq_len,
                                batch_size=cfg.micro_batch, seed=cfg.seed, rank=rank(), world=world)
         coverage = batches.coverage()
         if coverage == 0:
             raise UserError(f"{cfg.tokens} has no train document followed by {seq_len} tokens: lower model.seq_len or add data")
         print0(f"train data: windows of {seq_len + 1} tokens from a document start cover {coverage:.0%} of the train tokens")
-    val = val_batches(open_split(cfg.tokens, "val"), boundary_id=boundary, seq_len=seq_len,
-                      batch_size=cfg.micro_batch, max_tokens=cfg.eval.tokens, rank=rank(), world=world)
-    if not val:
-        raise UserError(f"{cfg.tokens} has no val document followed by {seq_len} tokens: lower model.seq_len or add val data")
+    if val is None:
+        val = val_batches(open_split(cfg.tokens, "val"), boundary_id=index["boundary_id"], seq_len=seq_len,
+                          batch_size=cfg.micro_batch, max_tokens=cfg.eval.tokens, rank=rank(), world=world)
+        if not val:
+            raise UserError(f"{cfg.tokens} has no val document followed by {seq_len} tokens: lower model.seq_len or add val data")
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
 
     step, train_time, tokens_seen, last_val = 0, 0.0, 0, {}
@@ -235,7 +243,7 @@ def _tokenizer(cfg: TrainConfig, base_tokenizer: Tokenizer | None) -> Tokenizer:
     """--tokenizer, else the one `data tokenize` saved beside the shards, else init_from's."""
     if cfg.tokenizer is not None:
         return Tokenizer.load(cfg.tokenizer)
-    if (Path(cfg.tokens) / "tokenizer.json").is_file():
+    if cfg.tokens is not None and (Path(cfg.tokens) / "tokenizer.json").is_file():
         return Tokenizer.load(cfg.tokens)
     if base_tokenizer is not None:
         return base_tokenizer

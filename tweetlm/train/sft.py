@@ -1,0 +1,405 @@
+"""`tweetlm sft BASE --data FILE[:WEIGHT]... --out RUN`: fine-tune a run into a chat model on conversations.
+
+    tweetlm data threads work/corpus --out work/threads.jsonl --split all
+    tweetlm sft runs/small --data work/threads.jsonl --data work/tasks.jsonl:0.5 --out runs/small-chat --steps 300
+
+Conversations are JSONL, one {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} a line
+(docs/CONTRACTS.md, "Conversations / SFT"). Each is rendered by the chat template that serving uses
+(tokenizer/chat.py) into ids and a loss mask: the targets are the assistant messages and their closing <|end|>,
+every other target is IGNORE_INDEX.
+- Held out: a conversation is val when the corpus split's hash (data/split.py) of its conversation_id (else
+  thread_id, id, first non-system message) falls under --val-ratio, so every path of a thread lands on one side;
+  at the defaults (5%, seed 0) a thread of `data threads --split all` whose posts carry its conversation_id (API
+  v2) is held out exactly when the corpus put it in its test split, which pretraining never saw. Or --val FILE:
+  all of it held out, none of --data.
+- Packing: conversations go whole, in stream order, into windows of seq_len + 1 tokens (inputs, and targets
+  shifted by one); one that does not fit starts the next window, and the rest of a window is padding with
+  ignored targets. A conversation longer than a window is cut to it, one left with no assistant token is left
+  out: both are counted and printed.
+- Mixing: the train stream draws its next conversation's source with probability weight / sum of weights
+  (seeded), and each source goes through its conversations in a seeded order, epoch after epoch: a source of
+  weight 2 gives twice as many conversations as one of weight 1, whatever their sizes (a small one repeats sooner).
+The run is an ordinary run folder (train/loop.py, started from BASE's best checkpoint with fresh optimizers), so
+generate, chat, serve and eval load it unchanged, and `--resume` continues it; its val_bpb is the bits per byte
+of the held-out assistant messages. RUN/sft.json keeps the data, their counts, and that figure before (BASE, the
+step-0 evaluation), after the last step, and at the best checkpoint (the one load_model serves: on a small set of
+conversations the held-out figure bottoms out early, see DEFAULTS).
+"""
+
+import json
+import math
+import os
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tweetlm.data.split import assign_split
+from tweetlm.errors import UserError
+from tweetlm.model.llama import IGNORE_INDEX
+from tweetlm.tokenizer.bpe import Tokenizer
+from tweetlm.tokenizer.chat import render_chat_with_mask
+from tweetlm.train.checkpoint import best_checkpoint
+from tweetlm.train.config import TrainConfig, load_config
+from tweetlm.train.dist import is_main, print0, rank, world_size
+from tweetlm.train.loop import train
+
+DEFAULT_VAL_RATIO = 0.05
+
+# Fine-tuning defaults, under --steps, --time-budget, --seed and --set: one micro-batch of 16 windows of 256 tokens
+# a step, the LRs a tenth of pretraining's (config.py). Measured from the demo's 5-minute small model on the API v2
+# threads (139 conversations to train, 17 held out; 60 steps, held-out assistant bpb every 10 from 2.373): at
+# pretraining's LRs it only rises (2.68 at step 10, 6.70 at 60: the model learns the 139 by heart), at 0.3x it
+# bottoms at 2.19 (step 10) and ends at 4.31, at 0.1x it bottoms at 2.17 (step 20) and ends at 2.34. Closing the
+# turn is learned later (at 0.1x, 0 of the 17 held-out prompts get <|end|> within 100 sampled tokens at step 20,
+# 12 at step 60); pretraining's LR for the embedding alone (0.05, tied head too) gets 16 at step 20 but learns
+# the 139 by heart (bpb 3.12). A checkpoint at every evaluation: the best, which load_model serves, is one of them.
+DEFAULTS = {"steps": 300, "batch_tokens": 4096, "micro_batch": 16, "model.seq_len": 256, "optim.lr": 0.005,
+            "optim.matrix_lr": 0.002, "eval.every": 50, "eval.samples_every": 100, "checkpoint.every": 50, "log_every": 10}
+
+_BLOCK = 4096  # source choices drawn per generator call
+
+
+@dataclass(frozen=True)
+class Source:
+    """A conversations file and its weight in the mix."""
+
+    path: Path
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> "Source":
+        """"FILE" or "FILE:WEIGHT" (a path with a colon in its last part needs the weight: "a:b.jsonl:1")."""
+        path, sep, weight = spec.rpartition(":")
+        try:
+            value = float(weight) if sep else None
+        except ValueError:
+            value = None
+        if value is None:
+            return cls(Path(spec))
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--data {spec}: the weight after ':' must be a positive number, e.g. {path}:0.5")
+        return cls(Path(path), value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SftConfig:
+    base: Path  # the run to fine-tune (its best checkpoint), or one of its checkpoint folders
+    data: tuple[Source, ...]
+    out: Path  # the new run folder
+    val: Path | None = None  # held-out conversations; default: --val-ratio of each --data file
+    val_ratio: float | None = None  # share of each --data file held out (DEFAULT_VAL_RATIO)
+    overrides: dict = field(default_factory=dict)  # TrainConfig keys over DEFAULTS: {"steps": 100, "optim.lr": 0.01}
+
+    def __post_init__(self):
+        if not self.data:
+            raise UserError("no conversations: give at least one --data FILE[:WEIGHT]")
+        if self.val is not None and self.val_ratio is not None:
+            raise UserError("give --val FILE or --val-ratio R, not both: --val holds out that whole file instead")
+        if self.val_ratio is not None and not 0 < self.val_ratio < 1:
+            raise UserError(f"--val-ratio {self.val_ratio}: must be between 0 and 1, e.g. 0.05")
+
+    @property
+    def held_out(self) -> float:
+        """The share of each --data file held out for val."""
+        return 0.0 if self.val is not None else self.val_ratio or DEFAULT_VAL_RATIO
+
+
+# ---------------------------------------------------------------- reading conversations
+
+
+class Conversations:
+    """Rendered conversations, flat: conversation i is ids[starts[i]:starts[i + 1]] with the same slice of mask
+    (5 bytes a token, where lists of Python ints would take ~40)."""
+
+    def __init__(self):
+        self._ids, self._mask, self._starts = array("i"), bytearray(), array("q", [0])
+
+    def append(self, ids: list[int], mask: list[bool]) -> None:
+        self._ids.extend(ids)
+        self._mask.extend(mask)
+        self._starts.append(len(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n] int32, mask [n] bool) of conversation i."""
+        start, end = self._starts[i], self._starts[i + 1]
+        return np.frombuffer(self._ids[start:end], dtype=np.int32), np.frombuffer(self._mask[start:end], dtype=bool)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return (self[i] for i in range(len(self)))
+
+    def tokens(self) -> int:
+        return len(self._ids)
+
+    def targets(self) -> int:
+        return self._mask.count(1)
+
+
+def _parse(line: str, where: str) -> tuple[list[dict], str]:
+    """(messages, hold-out key) of one JSONL line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not JSON ({e.msg} at column {e.colno}): write one conversation a line") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise UserError(f'{where}: expected {{"messages": [{{"role": "user", "content": "..."}}, ...]}} '
+                        "(one conversation a line, as `tweetlm data threads` writes)")
+    key = (record.get("conversation_id") or record.get("thread_id") or record.get("id")
+           or next((m.get("content") for m in messages if m.get("role") != "system"), ""))
+    return messages, str(key)
+
+
+def read_conversations(path: Path, tokenizer: Tokenizer, *, window: int, held_out: float) -> tuple[Conversations, Conversations, dict]:
+    """(train, val, counts) of a JSONL file: each conversation rendered and cut to `window` tokens, the share
+    `held_out` of them (by hash, see the module docstring) in val. counts: read = train + val +
+    no_assistant_tokens (left out: nothing to learn in its window), and truncated (cut to the window, kept)."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file: give a conversations file (JSONL), e.g. from `tweetlm data threads`")
+    train_set, val_set = Conversations(), Conversations()
+    counts = dict.fromkeys(("read", "train", "val", "truncated", "no_assistant_tokens"), 0)
+    with open(path, encoding="utf-8") as f, tqdm(desc=f"reading {path.name}", unit=" conversations", file=sys.stderr,
+                                                 disable=None if is_main() else True) as bar:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                messages, key = _parse(line, f"{path}:{number}")
+                try:
+                    ids, mask = render_chat_with_mask(tokenizer, messages)
+                except UserError as e:
+                    raise UserError(f"{path}:{number}: {e}") from None
+                counts["read"] += 1
+                bar.update()
+                if len(ids) > window:
+                    ids, mask = ids[:window], mask[:window]
+                    counts["truncated"] += 1
+                if not any(mask):
+                    counts["no_assistant_tokens"] += 1
+                    continue
+                split = "val" if assign_split(key, seed=0, val_ratio=0.0, test_ratio=held_out) == "test" else "train"
+                (val_set if split == "val" else train_set).append(ids, mask)
+                counts[split] += 1
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from None
+    if counts["read"] == 0:
+        raise UserError(f'{path} holds no conversations: expected one {{"messages": [...]}} object a line')
+    assert counts["read"] == counts["train"] + counts["val"] + counts["no_assistant_tokens"], counts
+    return train_set, val_set, counts
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _stack(rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows given as lists of (ids, mask) -> inputs [B, T] and targets [B, T] int64: a target is the next
+    token where the mask is true, IGNORE_INDEX elsewhere (user and system turns, role tokens, padding)."""
+    ids = np.full((len(rows), seq_len + 1), pad_id, dtype=np.int64)  # [B, T+1]
+    learn = np.zeros((len(rows), seq_len + 1), dtype=bool)
+    for row, pieces in enumerate(rows):
+        at = 0
+        for piece_ids, piece_mask in pieces:
+            ids[row, at : at + len(piece_ids)] = piece_ids
+            learn[row, at : at + len(piece_ids)] = piece_mask
+            at += len(piece_ids)
+        assert at <= seq_len + 1, f"{at} tokens packed in a window of {seq_len + 1}"
+    targets = np.where(learn[:, 1:], ids[:, 1:], IGNORE_INDEX)
+    return torch.from_numpy(ids[:, :-1].copy()), torch.from_numpy(targets)
+
+
+class ConversationBatches:
+    """An endless, seeded, resumable stream of (inputs [B, T], targets [B, T]) int64 CPU tensors of packed
+    conversations mixed from `sources` by `weights`: this rank's share. As in TokenBatches (batches.py), each
+    next() packs the next world x batch_size windows of the one stream and rank r keeps the r-th run of
+    batch_size, so rank r's k-th batch is the single-process batch k x world + r. The position is JSON:
+    {"drawn": conversations placed, "taken": [of each source]}."""
+
+    def __init__(self, sources: list[Conversations], weights: list[float], *, seq_len: int, batch_size: int,
+                 pad_id: int, seed: int, rank: int = 0, world: int = 1):
+        assert sources and len(sources) == len(weights) and all(len(s) for s in sources), (len(sources), weights)
+        assert 0 <= rank < world, f"rank {rank} of {world}"
+        self.sources, self.seq_len, self.batch_size, self.pad_id, self.seed = sources, seq_len, batch_size, pad_id, seed
+        self.rank, self.world = rank, world
+        self.p = np.array(weights, dtype=np.float64) / sum(weights)
+        self.drawn, self.taken = 0, [0] * len(sources)
+        self._choices: tuple[int, np.ndarray] | None = None  # (block, the sources drawn for it)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its conversations in order)
+
+    def _peek(self) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
+        """(source, conversation) at the stream's position."""
+        block, at = divmod(self.drawn, _BLOCK)
+        if self._choices is None or self._choices[0] != block:
+            rng = np.random.default_rng([self.seed, 0, block])
+            self._choices = (block, rng.choice(len(self.sources), size=_BLOCK, p=self.p))
+        source = int(self._choices[1][at])
+        epoch, i = divmod(self.taken[source], len(self.sources[source]))
+        if source not in self._orders or self._orders[source][0] != epoch:
+            order = np.random.default_rng([self.seed, 1, source, epoch]).permutation(len(self.sources[source]))
+            self._orders[source] = (epoch, order)
+        return source, self.sources[source][int(self._orders[source][1][i])]
+
+    def _window(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        pieces, used = [], 0
+        while True:
+            source, (ids, mask) = self._peek()
+            if used + len(ids) > self.seq_len + 1:
+                break
+            pieces.append((ids, mask))
+            used += len(ids)
+            self.drawn, self.taken[source] = self.drawn + 1, self.taken[source] + 1
+        assert pieces, f"a conversation of {len(ids)} tokens is longer than a window of {self.seq_len + 1}"
+        return pieces
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self._window() for _ in range(self.batch_size * self.world)]
+        return _stack(rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size], self.seq_len, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "taken": list(self.taken)}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert len(state["taken"]) == len(self.sources), f"a position over {len(state['taken'])} sources, not {len(self.sources)}"
+        self.drawn, self.taken = state["drawn"], list(state["taken"])
+
+
+def conversation_val_batches(conversations: Iterable[tuple[np.ndarray, np.ndarray]], *, seq_len: int, batch_size: int,
+                             pad_id: int, max_windows: int, rank: int = 0,
+                             world: int = 1) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """(batches, conversations in them): the fixed val set. Conversations packed in order (as ConversationBatches
+    packs) into at most max_windows windows, this rank's contiguous share of them, padded with empty windows (all
+    targets ignored) so that every rank has as many batches."""
+    rows, pieces, used = [], [], 0
+    for ids, mask in conversations:
+        if used + len(ids) > seq_len + 1:
+            rows.append(pieces)
+            pieces, used = [], 0
+            if len(rows) == max_windows:
+                break
+        pieces.append((ids, mask))
+        used += len(ids)
+    else:
+        if pieces:
+            rows.append(pieces)
+    share = -(-len(rows) // world)
+    mine = rows[rank * share : (rank + 1) * share]
+    mine += [[]] * (share - len(mine))
+    batches = [_stack(mine[i : i + batch_size], seq_len, pad_id) for i in range(0, share, batch_size)]
+    return batches, sum(len(pieces) for pieces in rows)
+
+
+# ---------------------------------------------------------------- the verb
+
+
+def _base_tokenizer(base: Path) -> Tokenizer:
+    """BASE's tokenizer. BASE is a run folder or one of its checkpoints (RUN/checkpoints/step-N), as load_model takes."""
+    if not base.exists():
+        raise UserError(f"{base}: no such run: give the run to fine-tune, a folder written by `tweetlm train` or `tweetlm import hf`")
+    for folder in (base, base.parent.parent):
+        if (folder / "tokenizer.json").is_file():
+            return Tokenizer.load(folder)
+    raise UserError(f"{base} is not a run folder (no tokenizer.json): give a folder written by `tweetlm train` or `tweetlm import hf`")
+
+
+def _train_config(cfg: SftConfig, resume: bool) -> TrainConfig:
+    """DEFAULTS <- overrides for a new run; RUN/config.toml <- overrides when resuming, as `train --resume` does."""
+    has_run = (cfg.out / "config.toml").is_file()
+    if resume and not has_run:
+        raise UserError(f"{cfg.out} is not a run folder (no config.toml): drop --resume to start a new run there")
+    if not resume and has_run:
+        raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+    overrides = {**cfg.overrides, "init_from": cfg.base, "out": cfg.out}
+    if resume:
+        return load_config(cfg.out / "config.toml", overrides)
+    defaults = dict(DEFAULTS)
+    if overrides.get("time_budget") is not None and overrides.get("steps") is None:
+        del defaults["steps"]  # a time budget alone decides the length
+    return load_config(None, {**defaults, **overrides})
+
+
+def _describe(path: Path, counts: dict, window: int, weight: float | None = None) -> str:
+    what = f"{path}" + (f" (weight {weight:g})" if weight is not None else "")
+    return (f"{what}: {counts['read']:,} conversations, {counts['train']:,} to train, {counts['val']:,} held out; "
+            f"{counts['truncated']:,} cut to {window} tokens, {counts['no_assistant_tokens']:,} left out (no assistant token)")
+
+
+def _read_data(cfg: SftConfig, tokenizer: Tokenizer, window: int) -> tuple[list[Conversations], list[Conversations], dict]:
+    """(train sets, one per --data file; held-out sets; what RUN/sft.json says of the data)."""
+    sources, held, counts = [], [], []
+    for source in cfg.data:
+        train_set, val_set, source_counts = read_conversations(source.path, tokenizer, window=window, held_out=cfg.held_out)
+        print0(_describe(source.path, source_counts, window, source.weight))
+        if not len(train_set):
+            raise UserError(f"{source.path}: no conversation left to train on ({source_counts['val']} held out, "
+                            f"{source_counts['no_assistant_tokens']} without an assistant token): lower --val-ratio or add data")
+        sources.append(train_set)
+        held.append(val_set)
+        counts.append({"file": str(source.path), "weight": source.weight, **source_counts})
+    val_file = None
+    if cfg.val is not None:
+        _, val_set, val_counts = read_conversations(cfg.val, tokenizer, window=window, held_out=1.0)
+        print0(_describe(cfg.val, val_counts, window))
+        held, val_file = [val_set], {"file": str(cfg.val), **val_counts}
+    return sources, held, {"base": str(cfg.base), "held_out": cfg.held_out, "data": counts, "val_file": val_file}
+
+
+def sft(cfg: SftConfig, *, resume: bool = False) -> dict:
+    """Fine-tune cfg.base on cfg.data into the run cfg.out (`resume` continues it); returns RUN/sft.json's record:
+    the data and their counts, and "before" / "after": the held-out assistant messages' val_loss and val_bpb."""
+    train_cfg = _train_config(cfg, resume)
+    tokenizer = _base_tokenizer(cfg.base)
+    seq_len = train_cfg.model.seq_len
+    sources, held, record = _read_data(cfg, tokenizer, seq_len + 1)
+    batches = ConversationBatches(sources, [s.weight for s in cfg.data], seq_len=seq_len, batch_size=train_cfg.micro_batch,
+                                  pad_id=tokenizer.pad_id, seed=train_cfg.seed, rank=rank(), world=world_size())
+    val, scored = conversation_val_batches((c for conversations in held for c in conversations), seq_len=seq_len,
+                                           batch_size=train_cfg.micro_batch, pad_id=tokenizer.pad_id,
+                                           max_windows=max(1, train_cfg.eval.tokens // seq_len), rank=rank(),
+                                           world=world_size())
+    if not scored:
+        raise UserError("no held-out conversation to measure: raise --val-ratio, or give --val FILE")
+    n_conversations, n_tokens = sum(len(s) for s in sources), sum(s.tokens() for s in sources)
+    print0(f"train: {n_conversations:,} conversations, {n_tokens:,} tokens ({sum(s.targets() for s in sources) / n_tokens:.0%} "
+           f"assistant targets, {n_tokens / n_conversations:.0f} a conversation); val: {scored:,} of "
+           f"{sum(len(h) for h in held):,} held-out conversations (eval.tokens = {train_cfg.eval.tokens:,})")
+
+    path = cfg.out / "sft.json"
+    if resume:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if {k: saved.get(k) for k in record} != record:
+            raise UserError(f"--resume needs the data {cfg.out} was fine-tuned on ({path}): give the same --data, "
+                            "--val and --val-ratio, over unchanged files, or start a new run with another --out")
+    elif is_main():
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, record)
+
+    final = train(train_cfg, resume=resume, batches=batches, val=val)
+    record["val_conversations"] = scored
+    if is_main():
+        before = next(r for r in _metrics(cfg.out) if r["step"] == 0 and "val_bpb" in r)
+        best = json.loads((best_checkpoint(cfg.out) / "meta.json").read_text())
+        record["before"] = {"step": 0, "val_loss": before["val_loss"], "val_bpb": before["val_bpb"]}
+        record["after"] = {"step": final["step"], "val_loss": final["val_loss"], "val_bpb": final["val_bpb"]}
+        record["best"] = {key: best[key] for key in ("step", "val_loss", "val_bpb")}
+        _write_json(path, record)
+        print0(f"held-out assistant bits per byte: {before['val_bpb']:.4f} ({cfg.base}) -> {final['val_bpb']:.4f} "
+               f"({cfg.out}, step {final['step']}); best checkpoint (the one generate, chat and serve load): "
+               f"{best['val_bpb']:.4f} at step {best['step']}; -> {path}")
+    return record
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)

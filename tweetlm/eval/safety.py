@@ -32,6 +32,7 @@ from tweetlm.data.clean import normalize
 from tweetlm.errors import UserError
 from tweetlm.eval.ngrams import NgramFeatures, fit_logistic
 from tweetlm.eval.tweeteval import C_GRID, load_task
+from tweetlm.spec import path_and_number
 
 FORMAT = 1
 _CONFIG, _WEIGHTS = "safety.json", "weights.safetensors"
@@ -39,15 +40,10 @@ _CONFIG, _WEIGHTS = "safety.json", "weights.safetensors"
 
 def parse_spec(spec: str) -> tuple[Path, float | None]:
     """"SAFETY" or "SAFETY:THRESHOLD" (as --drop-toxic and --moderate take it) -> (folder, threshold or None)."""
-    path, _, tail = spec.rpartition(":")
-    try:
-        threshold = float(tail) if path else None
-    except ValueError:
-        threshold = None
-    if threshold is None:
-        return Path(spec), None
-    check_threshold(threshold)
-    return Path(path), threshold
+    path, threshold = path_and_number(spec)
+    if threshold is not None:
+        check_threshold(threshold)
+    return path, threshold
 
 
 def check_threshold(threshold: float) -> None:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from tweetlm.data.split import assign_split
 from tweetlm.errors import UserError
 from tweetlm.model.llama import IGNORE_INDEX
+from tweetlm.spec import path_and_number
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat_with_mask
 from tweetlm.train.checkpoint import best_checkpoint
@@ -75,16 +76,12 @@ class Source:
     @classmethod
     def parse(cls, spec: str) -> "Source":
         """"FILE" or "FILE:WEIGHT" (a path with a colon in its last part needs the weight: "a:b.jsonl:1")."""
-        path, sep, weight = spec.rpartition(":")
-        try:
-            value = float(weight) if sep else None
-        except ValueError:
-            value = None
+        path, value = path_and_number(spec)
         if value is None:
-            return cls(Path(spec))
+            return cls(path)
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--data {spec}: the weight after ':' must be a positive number, e.g. {path}:0.5")
-        return cls(Path(path), value)
+        return cls(path, value)
 
 
 @dataclass(frozen=True, kw_only=True)

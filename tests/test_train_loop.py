@@ -168,6 +168,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, small_tokens, small_tokenize
     assert "shards were made with tokenizer" in _one_line_error(args(other), capsys)
     assert "already holds a run" in _one_line_error(args(out=tiny_run[0]), capsys)
     assert "--resume cannot change model.depth" in _one_line_error(["train", "--out", str(tiny_run[0]), "--resume", "--depth", "3"], capsys)
+    no_tokens = ["train", "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "none"), "--steps", "2"]
+    assert "no training data: give token shards" in _one_line_error(no_tokens, capsys)
 
 
 def test_checkpoint_of_another_shape_is_refused(tiny_run, small_tokens, small_tokenizer, tmp_path, capsys):  # noqa: F811

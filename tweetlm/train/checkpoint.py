@@ -117,6 +117,11 @@ def _is_checkpoint(path: Path) -> bool:
     return all((path / f).is_file() for f in (_SHARDED_FILES if _is_sharded(path) else _FILES))
 
 
+def run_folder(path: Path) -> Path:
+    """The run folder of a run folder or of one of its checkpoint folders (RUN/checkpoints/step-N)."""
+    return Path(path).parent.parent if _is_checkpoint(Path(path)) else Path(path)
+
+
 def _checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (leftover .tmp and .trash folders are not listed)."""
     found = [p for p in root.glob("step-*") if _is_checkpoint(p)] if root.is_dir() else []
@@ -211,10 +216,7 @@ def load_model(run_dir: Path, *, device: str | torch.device = "cpu") -> tuple[Ll
     """The best (else the latest) checkpoint of a run folder, or one checkpoint folder, ready for inference.
     One process reads a sharded checkpoint whole, whatever the world size that wrote it."""
     run_dir = Path(run_dir)
-    if _is_checkpoint(run_dir):  # a checkpoint folder: RUN/checkpoints/step-N
-        path, run_dir = run_dir, run_dir.parent.parent
-    else:
-        path = best_checkpoint(run_dir)
+    path = run_dir if _is_checkpoint(run_dir) else best_checkpoint(run_dir)  # a checkpoint folder: RUN/checkpoints/step-N
     if path is None:
         raise UserError(f"{run_dir} holds no checkpoint: train one with `tweetlm train ... --out {run_dir}`")
     with torch.device("meta"):
@@ -224,7 +226,7 @@ def load_model(run_dir: Path, *, device: str | torch.device = "cpu") -> tuple[Ll
         _load_sharded({"model": {name: p.detach() for name, p in model.named_parameters()}}, path, alone=True)
     else:
         model.load_state_dict(load_file(path / "model.safetensors", device=str(device)), assign=True)
-    return model.eval(), Tokenizer.load(run_dir / "tokenizer.json")
+    return model.eval(), Tokenizer.load(run_folder(run_dir) / "tokenizer.json")
 
 
 # ---------------------------------------------------------------- reading DCP's index without running its code

@@ -297,7 +297,7 @@ def _environment(device: torch.device, resumed_from: Path | None) -> dict:
     }
 
 
-def _read_metrics(run: Path) -> list[dict]:
+def read_metrics(run: Path) -> list[dict]:
     """metrics.jsonl's records; a last line cut short by a kill is skipped."""
     records = []
     if (run / "metrics.jsonl").is_file():
@@ -311,7 +311,7 @@ def _read_metrics(run: Path) -> list[dict]:
 
 def _trim_metrics(run: Path, checkpoint_step: int) -> None:
     """Keep the records up to the checkpoint a resumed run restarts from: the steps after it are run again."""
-    kept = [r for r in _read_metrics(run) if r["step"] <= checkpoint_step]
+    kept = [r for r in read_metrics(run) if r["step"] <= checkpoint_step]
     tmp = run / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, run / "metrics.jsonl")
@@ -326,7 +326,7 @@ def _plot(run: Path) -> None:
     """RUN/loss.png: train loss and val loss by step."""
     from matplotlib.figure import Figure  # here, not at import: matplotlib takes ~0.5 s to load
 
-    records = _read_metrics(run)
+    records = read_metrics(run)
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
     for key, style, label in (("loss", "-", "train loss"), ("val_loss", "o-", "val loss")):

@@ -45,10 +45,10 @@ from tweetlm.model.llama import IGNORE_INDEX
 from tweetlm.spec import path_and_number
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat_with_mask
-from tweetlm.train.checkpoint import best_checkpoint
+from tweetlm.train.checkpoint import best_checkpoint, run_folder
 from tweetlm.train.config import TrainConfig, load_config
 from tweetlm.train.dist import is_main, print0, rank, world_size
-from tweetlm.train.loop import train
+from tweetlm.train.loop import read_metrics, train
 
 DEFAULT_VAL_RATIO = 0.05
 
@@ -299,9 +299,9 @@ def _base_tokenizer(base: Path) -> Tokenizer:
     """BASE's tokenizer. BASE is a run folder or one of its checkpoints (RUN/checkpoints/step-N), as load_model takes."""
     if not base.exists():
         raise UserError(f"{base}: no such run: give the run to fine-tune, a folder written by `tweetlm train` or `tweetlm import hf`")
-    for folder in (base, base.parent.parent):
-        if (folder / "tokenizer.json").is_file():
-            return Tokenizer.load(folder)
+    tokenizer_json = run_folder(base) / "tokenizer.json"
+    if tokenizer_json.is_file():
+        return Tokenizer.load(tokenizer_json)
     raise UserError(f"{base} is not a run folder (no tokenizer.json): give a folder written by `tweetlm train` or `tweetlm import hf`")
 
 
@@ -380,7 +380,7 @@ def sft(cfg: SftConfig, *, resume: bool = False) -> dict:
     final = train(train_cfg, resume=resume, batches=batches, val=val)
     record["val_conversations"] = scored
     if is_main():
-        before = next(r for r in _metrics(cfg.out) if r["step"] == 0 and "val_bpb" in r)
+        before = next(r for r in read_metrics(cfg.out) if r["step"] == 0 and "val_bpb" in r)
         best = json.loads((best_checkpoint(cfg.out) / "meta.json").read_text())
         record["before"] = {"step": 0, "val_loss": before["val_loss"], "val_bpb": before["val_bpb"]}
         record["after"] = {"step": final["step"], "val_loss": final["val_loss"], "val_bpb": final["val_bpb"]}
@@ -390,10 +390,6 @@ def sft(cfg: SftConfig, *, resume: bool = False) -> dict:
                f"({cfg.out}, step {final['step']}); best checkpoint (the one generate, chat and serve load): "
                f"{best['val_bpb']:.4f} at step {best['step']}; -> {path}")
     return record
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _write_json(path: Path, record: dict) -> None:

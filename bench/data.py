@@ -83,7 +83,7 @@ def bench_tokenize(corpus: Path, tokenizer: Path, out: Path, *, workers: int) ->
     code = f"""
 import json, time
 from pathlib import Path
-from tweetlm.data.tokens import TokenizeConfig, tokenize
+from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 t0 = time.perf_counter()
 index = tokenize(TokenizeConfig(corpus=Path({str(corpus)!r}), tokenizer=Path({str(tokenizer)!r}), out=Path({str(out)!r}), workers={workers}))
 seconds = time.perf_counter() - t0
@@ -97,7 +97,7 @@ print(json.dumps({{"tokens": sum(s["tokens"] for shards in index["splits"].value
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> None:
     run_child(f"""
 from pathlib import Path
-from tweetlm.tokenizer.bpe import TokenizerConfig, train_tokenizer
+from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 train_tokenizer(TokenizerConfig(corpus=Path({str(corpus)!r}), out=Path({str(out)!r}), vocab_size={vocab_size}))
 print("{{}}")
 """)
@@ -134,13 +134,13 @@ def main() -> None:
                                           "ratio": full["peak_rss_mb"] / one["peak_rss_mb"]}
 
     tokenize = []
-    if (ROOT / "tweetlm/data/tokens.py").is_file() and (ROOT / "tweetlm/tokenizer/bpe.py").is_file():
+    if (ROOT / "tweetlm/tokenizer/shards.py").is_file() and (ROOT / "tweetlm/tokenizer/bpe.py").is_file():
         tokenizer = corpus("tokenizer")
         train_tokenizer(work / "corpus-1x-nd0.0", tokenizer, vocab_size=8192)
         for workers in (1, 2):
             tokenize.append(bench_tokenize(work / "corpus-nd0.0-w1", tokenizer, corpus(f"tokens-w{workers}"), workers=workers))
     else:
-        print("tokenize: not measured (tweetlm/data/tokens.py or tweetlm/tokenizer/bpe.py missing)")
+        print("tokenize: not measured (tweetlm/tokenizer/shards.py or tweetlm/tokenizer/bpe.py missing)")
 
     print()
     print(f"{'run':<28}{'posts':>11}{'seconds':>9}{'posts/s':>10}{'per worker':>12}{'peak RSS MB':>13}")

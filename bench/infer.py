@@ -45,8 +45,9 @@ def random_run(work: Path, preset_name: str, vocab_size: int, seq_len: int) -> P
     from tweetlm.data.post import POST_FIELDS
     from tweetlm.model.llama import Llama
     from tweetlm.model.sizing import preset
-    from tweetlm.tokenizer.bpe import Tokenizer, TokenizerConfig, train_tokenizer
-    from tweetlm.train.checkpoint import save_checkpoint
+    from tweetlm.model.weights import save_model
+    from tweetlm.tokenizer.bpe import Tokenizer
+    from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
     run = work / f"run-{preset_name}-{vocab_size}-{seq_len}"
     if (run / "tokenizer.json").is_file():
@@ -66,7 +67,7 @@ def random_run(work: Path, preset_name: str, vocab_size: int, seq_len: int) -> P
     tokenizer = Tokenizer.load(tok_dir)
     model = Llama(preset(preset_name, vocab_size=tokenizer.vocab_size, max_seq_len=seq_len))
     model.init_weights(torch.Generator().manual_seed(0))
-    save_checkpoint(run, step=0, model=model, optimizers=[], state={}, val=None, keep=1)
+    save_model(model, run)
     tokenizer.save(run)
     return run
 
@@ -99,7 +100,7 @@ def time_theirs(hf, batch_prompts: list[list[int]], new_tokens: int) -> tuple[fl
 
 def measure(args) -> dict:
     """One side, in a process of its own: {batch: [seconds for 1 token, for N tokens, the N tokens]}."""
-    from tweetlm.train.checkpoint import load_model
+    from tweetlm.model.weights import load_model
 
     model, tokenizer = load_model(args.run)
     out = {}
@@ -142,7 +143,7 @@ def main() -> None:
     import transformers
 
     from tweetlm.model.hf import export_hf
-    from tweetlm.train.checkpoint import load_model
+    from tweetlm.model.weights import load_model
 
     args.work.mkdir(parents=True, exist_ok=True)
     run = args.run or random_run(args.work, args.preset, args.vocab_size, args.prompt_len + args.new_tokens)

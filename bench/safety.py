@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TWEETEVAL = ROOT.parent / "shared" / "data" / "tweeteval"
 
-from tweetlm.data.clean import normalize  # noqa: E402
+from tweetlm.artifacts.safety import SafetyClassifier  # noqa: E402
+from tweetlm.artifacts.text import normalize  # noqa: E402
 from tweetlm.data.prepare import PrepareConfig, prepare  # noqa: E402
-from tweetlm.eval.safety import SafetyClassifier, SafetyConfig, train_safety  # noqa: E402
+from tweetlm.eval.safety import SafetyConfig, train_safety  # noqa: E402
 
 
 def best_of(runs: int, fn) -> float:

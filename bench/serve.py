@@ -42,8 +42,8 @@ SHARED = ROOT.parent / "shared" / "data"
 def make_run(work: Path, seq_len: int) -> Path:
     """The default model: the small preset, one step on TweetEval train texts, with its own 8192-token tokenizer."""
     from tweetlm.data.prepare import PrepareConfig, prepare
-    from tweetlm.data.tokens import TokenizeConfig, tokenize
-    from tweetlm.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
+    from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
     from tweetlm.train.config import load_config
     from tweetlm.train.loop import train
 
@@ -156,7 +156,7 @@ def measure(args, run: Path, prompts: list[str]) -> list[dict]:
     counts = [int(c) for c in args.clients.split(",")]
     if args.engine_only:
         from tweetlm.infer.engine import Engine
-        from tweetlm.train.checkpoint import load_model
+        from tweetlm.model.weights import load_model
 
         model, tokenizer = load_model(run, device=args.device)
         with Engine(model, tokenizer, max_batch_size=32) as engine:

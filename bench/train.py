@@ -5,7 +5,7 @@
 
 Both sides train on the same token shards, batch after batch in the same order (TokenBatches, same seed),
 for the same wall-clock budget of training steps (evaluation not counted), and are scored by the same function
-(val loss and bits-per-byte on the same fixed val windows, tweetlm.train.loop.evaluate):
+(val loss and bits-per-byte on the same fixed val windows, tweetlm.model.scoring.evaluate):
 - tweetlm: `train()` itself, as `tweetlm train` runs it (its config: Muon + AdamW, WSD schedule over the time
   budget, compile if --compile);
 - transformers: LlamaForCausalLM (same vocab, width, depth, heads, kv heads, SwiGLU width, tied embeddings,
@@ -37,8 +37,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def prepare_data(work: Path, vocab_size: int) -> tuple[Path, Path]:
     from tweetlm.data.prepare import PrepareConfig, prepare
-    from tweetlm.data.tokens import TokenizeConfig, tokenize
-    from tweetlm.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
+    from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
     corpus, tokenizer, tokens = work / "corpus", work / f"tokenizer-{vocab_size}", work / f"tokens-{vocab_size}"
     if not (corpus / "report.json").is_file():
@@ -79,11 +79,11 @@ def hf_model(cfg, device):
 
 def train_hf(tcfg, model_cfg, minutes: float, lr: float) -> dict:
     """The plain loop: same batches, same budget rule (training time only), same evaluation as train()."""
-    from tweetlm.data.tokens import open_split, read_index
+    from tweetlm.device import autocast, resolve_device
+    from tweetlm.model.scoring import evaluate
     from tweetlm.tokenizer.bpe import Tokenizer
+    from tweetlm.tokenizer.shards import open_split, read_index
     from tweetlm.train.batches import TokenBatches, val_batches
-    from tweetlm.train.dist import autocast, resolve_device
-    from tweetlm.train.loop import evaluate
 
     device = resolve_device(tcfg.device)
     torch.manual_seed(tcfg.seed)
@@ -140,10 +140,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller val set (8192 tokens), for smoke runs")
     a = ap.parse_args()
 
+    from tweetlm.device import device_name, resolve_device
     from tweetlm.model.sizing import flops_per_token
     from tweetlm.tokenizer.bpe import Tokenizer
     from tweetlm.train.config import load_config, parse_set
-    from tweetlm.train.dist import device_name, peak_flops, resolve_device
+    from tweetlm.train.dist import peak_flops
     from tweetlm.train.loop import train
 
     tokens, tokenizer = (Path(a.tokens), Path(a.tokenizer)) if a.tokens else prepare_data(a.work, 8192)

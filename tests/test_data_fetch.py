@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import pytest
-
 from tweetlm.cli import main
 from tweetlm.data.fetch import fetch_tweeteval
 

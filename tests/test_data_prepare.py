@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tweetlm.artifacts.text import normalize
 from tweetlm.cli import main
-from tweetlm.data.clean import is_spam, normalize
+from tweetlm.data.clean import is_spam
 from tweetlm.data.corpus import SCHEMA, SPLITS
 from tweetlm.data.dedup import BandIndex, ExactSet, MinHashBands
 from tweetlm.data.prepare import PrepareConfig, prepare

@@ -7,10 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tweetlm.artifacts.prompts import (LIMIT, SYSTEM, check_hashtags, compose_messages, hashtags_in, reply_messages,
+                                       strip_placeholders, summarize_messages)
 from tweetlm.cli import main
 from tweetlm.data.prepare import PrepareConfig, prepare
-from tweetlm.data.tasks import (LIMIT, SYSTEM, TONE_TASKS, TasksConfig, _strip_placeholders, check_hashtags,
-                                compose_messages, hashtags_in, reply_messages, summarize_messages, tasks)
+from tweetlm.data.tasks import TONE_TASKS, TasksConfig, tasks
 from tweetlm.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -147,5 +148,5 @@ def test_prompts_and_hashtag_rules():
     assert compose_messages()[1]["content"] == "Write a post."
     assert reply_messages("hi @bob https://x.co")[1]["content"] == "Reply to this post:\nhi @user http"  # as the corpus
     assert summarize_messages(["a", "", "b\n\nc"])[1]["content"] == "Summarize this thread:\n\na\n\nb\nc"
-    assert _strip_placeholders("@user @user so true http") == "so true"
-    assert _strip_placeholders("thanks @user for this") is None
+    assert strip_placeholders("@user @user so true http") == "so true"
+    assert strip_placeholders("thanks @user for this") is None

@@ -11,7 +11,7 @@ from tweetlm.cli import main
 from tweetlm.data.corpus import iter_texts
 from tweetlm.errors import UserError
 from tweetlm.eval.bpb import BpbConfig, _windows, bpb
-from tweetlm.train.checkpoint import load_model
+from tweetlm.model.weights import load_model
 
 
 def test_windows_start_at_documents_and_target_every_token_once():

@@ -7,14 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from test_serve_api import served_run, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
 from tweetlm.cli import main
 from tweetlm.eval.finetune import Classifier, _encode, _pad, finetuner
 from tweetlm.eval.tweeteval import STANCE_TARGETS, Dataset, Split, load_task
-from tweetlm.train.checkpoint import load_model
+from tweetlm.model.weights import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"
 

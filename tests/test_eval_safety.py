@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tweetlm.artifacts.safety import SafetyClassifier, parse_spec
 from tweetlm.cli import main
 from tweetlm.data.corpus import SPLITS
 from tweetlm.data.prepare import PrepareConfig, prepare
 from tweetlm.errors import UserError
-from tweetlm.eval.safety import SafetyClassifier, SafetyConfig, best_threshold, parse_spec, train_safety
+from tweetlm.eval.safety import SafetyConfig, best_threshold, train_safety
 from tweetlm.eval.tweeteval import load_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"

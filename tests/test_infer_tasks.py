@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from test_serve_api import served_run  # noqa: F401 (fixture)
 from test_tokenizer import EMOJI, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
+from tweetlm.artifacts.prompts import LIMIT, check_hashtags, clip
 from tweetlm.cli import main
-from tweetlm.data.tasks import LIMIT, check_hashtags, clip
 from tweetlm.errors import UserError
 from tweetlm.infer.engine import Delta, Engine, SamplingParams
 from tweetlm.infer.tasks import TaskConfig, compose, posts, reply, summarize

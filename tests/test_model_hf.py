@@ -17,8 +17,8 @@ from tweetlm.cli import main
 from tweetlm.errors import UserError
 from tweetlm.model.hf import export_hf, import_hf
 from tweetlm.model.llama import Llama, ModelConfig
+from tweetlm.model.weights import load_model, save_model
 from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
-from tweetlm.train.checkpoint import load_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -58,7 +58,7 @@ def _make_run(run: Path, tokenizer: Tokenizer, **shape) -> Llama:
                          "ffn_dim": 160, "max_seq_len": SEQ, "rope_theta": 50_000.0, **shape})
     model = Llama(cfg)
     _randomize(model, seed=0)
-    save_checkpoint(run, step=0, model=model, optimizers=[], state={}, val=None, keep=1)
+    save_model(model, run)
     tokenizer.save(run)
     return model.eval()
 

@@ -22,13 +22,13 @@ from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures
 
 from tweetlm.cli import main
 from tweetlm.data.corpus import iter_texts
-from tweetlm.data.tokens import TokenizeConfig, tokenize
 from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import config_from_depth
 from tweetlm.plan.accelerators import ACCELERATORS
 from tweetlm.plan.planner import DAY, PlanConfig, activation_bytes, format_plan, parse_count, plan
 from tweetlm.tokenizer.bpe import Tokenizer
+from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 
 
 def _days_for(flops: float, gpus: int, gpu: str, mfu: float) -> float:

@@ -20,13 +20,13 @@ import torch
 from test_tokenizer import DATA, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
 from tweetlm.cli import main
-from tweetlm.data.tokens import TokenizeConfig, tokenize
 from tweetlm.infer.engine import Engine, SamplingParams
+from tweetlm.model.weights import load_model
 from tweetlm.serve.app import ServeLimits, create_app
 from tweetlm.serve.chat import ChatConfig, chat
 from tweetlm.serve.server import bind, uvicorn_server
 from tweetlm.tokenizer.chat import render_chat
-from tweetlm.train.checkpoint import load_model
+from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 from tweetlm.train.config import load_config
 from tweetlm.train.loop import train
 

@@ -15,17 +15,16 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_serve_api import (CONTEXT, _client, _raw, live_server, served_run, server, small_corpus,  # noqa: F401
-                            small_tokenizer)
+from test_serve_api import CONTEXT, _client, _raw, live_server, served_run, server, small_corpus, small_tokenizer  # noqa: F401
 
 from tweetlm.cli import main
 from tweetlm.infer.engine import Delta
+from tweetlm.model.weights import load_model
 from tweetlm.search.ground import Citations, check_citations, posts_message
 from tweetlm.search.index import Index, add_files
 from tweetlm.serve.app import create_app
 from tweetlm.serve.grounding import GroundingConfig
 from tweetlm.serve.schemas import MAX_POSTS
-from tweetlm.train.checkpoint import load_model
 
 V2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter-api-v2"
 GARAGE = "1253788283760492544"  # withheld.jsonl, 2020-04-24T20:49:55Z: "I know it isn’t supposed to work like this, ..."

@@ -6,14 +6,13 @@ are rarely toxic, so a stand-in classifier that flags long texts stops them."""
 from pathlib import Path
 
 import numpy as np
-import openai
 import pytest
 from test_eval_safety import safety_model  # noqa: F401 (fixture)
 from test_serve_api import (LONG, _client, _raw, _status_error, live_server, long_prompts, served_run,  # noqa: F401
                             server, small_corpus, small_tokenizer)
 
+from tweetlm.artifacts.safety import SafetyClassifier
 from tweetlm.cli import main
-from tweetlm.eval.safety import SafetyClassifier
 from tweetlm.serve.schemas import MODERATION_CATEGORIES
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"

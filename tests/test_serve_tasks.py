@@ -11,11 +11,11 @@ import pytest
 from test_serve_api import LONG, _client, _raw, _wait_idle, live_server, long_prompts, served_run  # noqa: F401
 from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (served_run's fixtures)
 
-from tweetlm.data.tasks import LIMIT
+from tweetlm.artifacts.prompts import LIMIT
 from tweetlm.infer.engine import SamplingParams
 from tweetlm.infer.tasks import compose, reply, summarize
+from tweetlm.model.weights import load_model
 from tweetlm.serve.app import ServeLimits
-from tweetlm.train.checkpoint import load_model
 
 THREAD = ["I'll be in the garage if you need me", "@bob Headed there myself 👍🏼", "Clearing a shelf https://t.co/x"]
 

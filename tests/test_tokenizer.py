@@ -14,7 +14,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tweetlm.data.corpus import SPLITS, ShardWriter, iter_texts
 from tweetlm.data.post import POST_FIELDS
 from tweetlm.errors import UserError
-from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer, TokenizerConfig, train_tokenizer
+from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
+from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EMOJI = ["👩\u200d💻", "👍🏽", "🇫🇷", "1\ufe0f\u20e3", "❤\ufe0f", "👨\u200d👩\u200d👧\u200d👦", "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"]

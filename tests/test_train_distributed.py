@@ -25,11 +25,12 @@ from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures
 from test_train_batches import BOUNDARY, _shards
 from test_train_loop import TINY, _config, _records, small_tokens  # noqa: F401 (fixture)
 
+from tweetlm.artifacts.checkpoint import latest_checkpoint
 from tweetlm.cli import main
 from tweetlm.errors import UserError
 from tweetlm.model.llama import IGNORE_INDEX
+from tweetlm.model.weights import load_model
 from tweetlm.train.batches import TokenBatches, val_batches
-from tweetlm.train.checkpoint import latest_checkpoint, load_model
 from tweetlm.train.config import load_config
 from tweetlm.train.loop import train
 

@@ -18,13 +18,15 @@ import pytest
 import torch
 from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
 
+from tweetlm.artifacts.checkpoint import latest_checkpoint
 from tweetlm.cli import main
-from tweetlm.data.tokens import TokenizeConfig, tokenize
 from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import preset
-from tweetlm.tokenizer.bpe import TokenizerConfig, train_tokenizer
-from tweetlm.train.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from tweetlm.model.weights import load_model
+from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
+from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
+from tweetlm.train.checkpoint import load_checkpoint
 from tweetlm.train.config import load_config
 from tweetlm.train.loop import train
 

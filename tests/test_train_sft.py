@@ -15,12 +15,12 @@ from tweetlm.data.prepare import PrepareConfig, prepare
 from tweetlm.data.threads import ThreadsConfig, threads
 from tweetlm.errors import UserError
 from tweetlm.model.llama import IGNORE_INDEX
+from tweetlm.model.weights import load_model
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat
-from tweetlm.train.checkpoint import load_model
 from tweetlm.train.loop import train
-from tweetlm.train.sft import (ConversationBatches, Conversations, SftConfig, Source, conversation_val_batches,
-                               read_conversations, sft)
+from tweetlm.train.sft import (ConversationBatches, SftConfig, Source, conversation_val_batches, read_conversations,
+                               sft)
 
 V2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter-api-v2"
 SEQ_LEN = 256  # the fine-tuning window: threads of the API v2 files are ~150 tokens with the 1000-token vocabulary

@@ -54,7 +54,7 @@ def _data_prepare(a):
 
 
 def _data_tokenize(a):
-    from tweetlm.data.tokens import TokenizeConfig, tokenize
+    from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 
     tokenize(TokenizeConfig(corpus=Path(a.corpus), tokenizer=Path(a.tokenizer), out=Path(a.out), workers=a.workers))
 
@@ -143,7 +143,7 @@ def _add_data(sub):
 
 
 def _tokenizer_train(a):
-    from tweetlm.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
     train_tokenizer(TokenizerConfig(corpus=Path(a.corpus), out=Path(a.out), vocab_size=a.vocab_size))
 
@@ -255,7 +255,7 @@ def _eval_bpb(a):
 
 
 def _safety_spec(spec: str) -> tuple[Path, float | None]:
-    from tweetlm.eval.safety import parse_spec
+    from tweetlm.artifacts.safety import parse_spec
 
     return parse_spec(spec)
 
@@ -331,7 +331,7 @@ def _model_presets(a):
 
 def _generate(a):
     from tweetlm.infer.generate import GenerateConfig, generate
-    from tweetlm.train.checkpoint import load_model
+    from tweetlm.model.weights import load_model
 
     cfg = GenerateConfig(run=Path(a.run_dir), prompt=a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tweetlm.data.fetch import fetch_tweeteval
 from tweetlm.data.prepare import PrepareConfig, prepare
-from tweetlm.data.tokens import TokenizeConfig, tokenize
 from tweetlm.infer.generate import GenerateConfig, generate
-from tweetlm.tokenizer.bpe import TokenizerConfig, train_tokenizer
-from tweetlm.train.checkpoint import load_model
+from tweetlm.model.weights import load_model
+from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
+from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 from tweetlm.train.config import load_config
 from tweetlm.train.loop import train
 

@@ -19,7 +19,6 @@ reason, source file, language and split, the first malformed records with file a
 skipped files with why, and the invariant `read == kept + sum(dropped)`.
 """
 
-import glob
 import itertools
 import json
 import multiprocessing as mp
@@ -39,11 +38,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from tweetlm.data.clean import LanguageId, is_spam, length_reason, normalize
+from tweetlm.artifacts.text import normalize
+from tweetlm.data.clean import LanguageId, is_spam, length_reason
 from tweetlm.data.corpus import SCHEMA, SPLITS, ShardWriter
 from tweetlm.data.dedup import BandIndex, ExactSet, MinHashBands, text_hash
 from tweetlm.data.post import POST_FIELDS, Post
-from tweetlm.data.readers import NON_POST, Dropped, detect, read
+from tweetlm.data.readers import Dropped, post_files, read
 from tweetlm.data.split import assign_split, split_key
 from tweetlm.errors import UserError
 
@@ -105,13 +105,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         _language_id(cfg.lang)  # an unknown code fails here, before any work
     if cfg.drop_toxic:
         _safety(cfg.drop_toxic, cfg.toxic_threshold)  # likewise a missing classifier
-    tasks, skipped = [], []
-    for i, path in enumerate(_expand(cfg.inputs)):
-        fmt = detect(path)
-        if fmt is None or fmt in NON_POST:
-            skipped.append({"file": str(path), "format": fmt, "why": NON_POST.get(fmt, "not a post format (binary)")})
-        else:
-            tasks.append((str(path), fmt, str(out / _TMP / f"{i:06d}.arrow")))
+    files, skipped = post_files(cfg.inputs)
+    tasks = [(str(path), fmt, str(out / _TMP / f"{i:06d}.arrow")) for i, (path, fmt) in enumerate(files)]
     if not tasks:
         raise UserError(f"none of the {len(skipped)} input files holds posts ({skipped[0]['file']}: {skipped[0]['why']}); "
                         "see `tweetlm data prepare --help` for the formats")
@@ -138,26 +133,6 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 # ---------------------------------------------------------------- inputs and output
-
-
-def _expand(inputs: tuple[str, ...]) -> list[Path]:
-    """Files of the inputs, each once, in the order given (a folder's and a glob's sorted)."""
-    files = []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
-            found = [path]
-        elif any(c in arg for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
-        else:
-            raise UserError(f"{arg}: no such file or folder; check the path")
-        if not found:
-            raise UserError(f"{arg}: no files there; check the path or the glob (quote it so the shell does not expand it)")
-        files += found
-    return list(dict.fromkeys(files))
 
 
 def _claim(out: Path) -> None:
@@ -189,9 +164,7 @@ def _language_id(langs: tuple[str, ...]) -> LanguageId:
 
 @cache  # loaded once per process (~1 s)
 def _safety(path: Path, threshold: float | None):
-    # the one import of a later stage (eval) by data: the classifier is trained on TweetEval there, and loads
-    # scikit-learn, which data prepare needs only with --drop-toxic
-    from tweetlm.eval.safety import SafetyClassifier
+    from tweetlm.artifacts.safety import SafetyClassifier  # here: it loads scikit-learn, needed only with --drop-toxic
 
     return SafetyClassifier.load(path, threshold)
 

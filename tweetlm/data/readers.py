@@ -49,6 +49,7 @@ from pathlib import Path
 
 import zstandard
 
+from tweetlm.artifacts.files import find_inputs
 from tweetlm.data.post import Kind, Post
 
 # Files that hold no posts: detected and skipped, with these explanations.
@@ -73,6 +74,7 @@ class Dropped:
     reason: str
     source: str  # "path:line"
     detail: str = ""
+    superseded: str | None = None  # "edited_superseded": the id of the older version that this record is
 
 
 # ---------------------------------------------------------------- opening and detection
@@ -165,6 +167,19 @@ def detect(path: Path) -> str | None:
     if all(_LABEL_LINE.fullmatch(ln) for ln in lines[:-1] or lines):  # the last line may be cut
         return "labels"
     return "text"
+
+
+def post_files(inputs: tuple[str, ...]) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """The files of the inputs (paths, folders, globs: artifacts.files.find_inputs) that hold posts, as (path,
+    format), and those that do not, as {"file", "format", "why"}."""
+    files, skipped = [], []
+    for path in find_inputs(inputs):
+        fmt = detect(path)
+        if fmt is None or fmt in NON_POST:
+            skipped.append({"file": str(path), "format": fmt, "why": NON_POST.get(fmt, "not a post format (binary)")})
+        else:
+            files.append((path, fmt))
+    return files, skipped
 
 
 def _record_format(obj) -> str | None:
@@ -329,7 +344,7 @@ def _v2_post(t, included: dict, source: str) -> Post | Dropped:
         return Dropped("malformed", source, "a post without a text field")
     edits = t.get("edit_history_tweet_ids")
     if edits and edits[-1] != t.get("id"):
-        return Dropped("edited_superseded", source, f"{t.get('id')} was edited into {edits[-1]}")
+        return Dropped("edited_superseded", source, f"{t.get('id')} was edited into {edits[-1]}", superseded=t.get("id"))
     text = _v2_text(t)
     withheld = t.get("withheld")
     if withheld and (withheld.get("scope") or not text.strip()):
@@ -367,7 +382,7 @@ def _v1_posts(s, source: str) -> Iterator[Post | Dropped]:
         return
     edits = _v1_edit_ids(s)
     if edits and edits[-1] != _v1_id(s):
-        yield Dropped("edited_superseded", source, f"{_v1_id(s)} was edited into {edits[-1]}")
+        yield Dropped("edited_superseded", source, f"{_v1_id(s)} was edited into {edits[-1]}", superseded=_v1_id(s))
         return
     reposted, quoted = s.get("retweeted_status"), s.get("quoted_status")
     reply_to = s.get("in_reply_to_status_id_str") or None

@@ -1,12 +1,10 @@
-"""The assistant's platform tasks: each task's prompt (the one place it is written), the 280-character post
-rules, and `tweetlm data tasks`, training conversations made from the corpus itself, with no outside model.
+"""`tweetlm data tasks`: training conversations for the assistant's platform tasks, made from the corpus itself,
+with no outside model.
 
     tweetlm data tasks work/corpus --out work/tasks.jsonl --tweeteval ../shared/data/tweeteval --split train
 
-A task sends a system line and one user message (`compose_messages`, `reply_messages`, `summarize_messages`,
-`tone_messages`); `data tasks` appends the target as the assistant's message, and `tweetlm compose` / `reply` /
-`summarize` and their server routes (tweetlm/infer/tasks.py) render the same messages and let the model write,
-keeping the post that `clip` makes of it. infer imports this module, never the reverse.
+Each example is a task's prompt (tweetlm/artifacts/prompts.py, the one place each is written, which `tweetlm
+compose` / `reply` / `summarize` send too) with the target appended as the assistant's message.
 Targets, from the posts of one corpus split:
 - compose: a post that replies to nothing, prompted with a topic (its one or two rarest content words by
   document frequency in the split: the words that set it apart, found without a model), with its own hashtags,
@@ -17,7 +15,7 @@ Targets, from the posts of one corpus split:
   its most central posts (summed word-overlap Jaccard with the others), at most a third of them, in thread order,
   clipped to 280 characters at a word boundary;
 - tone: a TweetEval post (emotion, sentiment, irony, offensive, hate) and its label's name from mapping.txt.
-A target never holds the @user / http placeholders of clean.py: leading and trailing ones (a reply's addressees,
+A target never holds the @user / http placeholders of normalize: leading and trailing ones (a reply's addressees,
 a shared link) are removed and counted as cleaned; a post with one inside is skipped and counted.
 
 Line format: that of `data threads` (docs/CONTRACTS.md) plus "task"; the messages open with the system line,
@@ -27,155 +25,35 @@ and "post_ids" lists, per message, the posts its text comes from ([] for the sys
 
 import hashlib
 import json
-import os
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tweetlm.data.clean import normalize
+from tweetlm.artifacts.files import atomic_write
+from tweetlm.artifacts.prompts import (HASHTAG, LIMIT, PIECES, check_hashtags, clip, compose_messages, hashtags_in,
+                                       reply_messages, strip_placeholders, summarize_messages, tone_messages, unfit)
+from tweetlm.artifacts.text import normalize
 from tweetlm.data.corpus import SPLITS, shard_paths
-from tweetlm.data.threads import ThreadStats, Forest
+from tweetlm.data.threads import Forest, ThreadStats
 from tweetlm.errors import UserError
 
-LIMIT = 280  # characters of a post, as X counts them for most text; here Python str characters
 TASKS = ("compose", "reply", "summarize", "tone")
 CORPUS_TASKS = ("compose", "reply", "summarize")
 TONE_TASKS = ("emotion", "sentiment", "irony", "offensive", "hate")  # TweetEval folders with a tone-like label
-SYSTEM = f"You are a social platform's assistant. You write short posts of at most {LIMIT} characters."
-
-# A hashtag as X links it: '#', then letters, digits or '_' with at least one letter, not glued to a word.
-_HASHTAG = re.compile(r"(?<![\w#&])#(?=\w*[^\W\d_])\w+")
-# Words a post must not hold: clean.py's placeholders (@user, http), glued to other text too, and the mentions
-# and links they replace.
-_PLACEHOLDER = re.compile(r"@user|http|(?<![\w@])@\w|\bwww\.")
-_BROKEN = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffd]")  # control characters; U+FFFD, bytes that were not UTF-8
-_PIECES = re.compile(r"(\s*)(\S+)")  # (whitespace before, word)
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")  # letters, with inner apostrophes: don't, l'Italia
 _TOPIC_CHARS = (3, 20)  # a topic word's length; longer runs are unsegmented scripts (CJK) or junk
 _MAX_THREAD_POSTS = 20  # a longer thread is summarized from its first 20 posts
 
 
-# ---------------------------------------------------------------- prompts
-
-
-def check_hashtags(values: Iterable[str]) -> tuple[str, ...]:
-    """Requested hashtags as '#tag' ('tag' and '#tag' both accepted), repeats (any case) dropped; UserError if one
-    is not a hashtag or together they take over half a post."""
-    tags, seen = [], set()
-    for value in values:
-        tag = value.strip() if value.strip().startswith("#") else "#" + value.strip()
-        if not _HASHTAG.fullmatch(tag):
-            raise UserError(f"hashtag {value!r}: a hashtag is # then letters, digits or _, with at least one letter "
-                            "(e.g. #Brexit)")
-        if tag.casefold() not in seen:
-            seen.add(tag.casefold())
-            tags.append(tag)
-    if len(" ".join(tags)) > LIMIT // 2:
-        raise UserError(f"the hashtags take {len(' '.join(tags))} characters, more than half a post ({LIMIT // 2} of "
-                        f"{LIMIT}): ask for fewer or shorter ones")
-    return tuple(tags)
-
-
-def _messages(ask: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ask}]
-
-
-def compose_messages(topic: str = "", hashtags: Sequence[str] = ()) -> list[dict]:
-    """A new post about `topic` and/or with `hashtags` (neither: any post)."""
-    topic, tags = normalize(topic), " ".join(check_hashtags(hashtags))
-    if topic and tags:
-        return _messages(f"Write a post about: {topic}\nHashtags: {tags}")
-    if tags:
-        return _messages(f"Write a post with the hashtags: {tags}")
-    return _messages(f"Write a post about: {topic}" if topic else "Write a post.")
-
-
-def reply_messages(post: str) -> list[dict]:
-    post = normalize(post)
-    if not post:
-        raise UserError("the post to reply to is empty: give its text")
-    return _messages(f"Reply to this post:\n{post}")
-
-
-def summarize_messages(thread: Sequence[str]) -> list[dict]:
-    """The thread's posts in order; posts are normalized (no blank line inside), so a blank line separates them."""
-    posts = [p for p in map(normalize, thread) if p]
-    if not posts:
-        raise UserError("the thread is empty: give its posts, one per line")
-    return _messages("Summarize this thread:\n\n" + "\n\n".join(posts))
-
-
-def tone_messages(post: str, labels: Sequence[str]) -> list[dict]:
-    return _messages(f"What is the tone of this post? Answer with one of: {', '.join(labels)}.\n\n{normalize(post)}")
-
-
-# ---------------------------------------------------------------- posts
-
-
-def hashtags_in(text: str) -> list[str]:
-    return _HASHTAG.findall(text)
-
-
-def _drop(word: str) -> bool:
-    """A placeholder, mention or link, or a word holding a control character or a broken one (U+FFFD)."""
-    return bool(_PLACEHOLDER.search(word) or _BROKEN.search(word))
-
-
-def _room(tags: Iterable[str]) -> int:
-    return sum(1 + len(t) for t in tags)
-
-
-def clip(text: str, *, hashtags: Sequence[str] = (), limit: int = LIMIT, final: bool = True) -> tuple[str, bool]:
-    """A post from `text`: its words in order, less placeholders (_drop), each whitespace run as one line break
-    (if it holds one) or one space, kept while they fit in `limit` characters with room left for each of
-    `hashtags` the kept words lack, which then end the post. Cuts only at whitespace, so a word, an emoji ZWJ
-    sequence, a flag or a skin tone stays whole or goes whole. final=False: text is still being written and its
-    last word (not followed by whitespace) may be incomplete: it is left out.
-    Returns (post, full); full: a word did not fit, and nothing after it may be kept (a writer stops there)."""
-    assert _room(hashtags) <= limit + 1, f"hashtags {hashtags} cannot fit in {limit} characters"
-    post, missing, gap = "", list(hashtags), ""  # gap: whitespace since the last kept word (dropped words' too)
-    pieces = _PIECES.findall(text)
-    tail = pieces.pop()[1] if pieces and not final and not text[-1].isspace() else ""
-
-    def sep(space: str) -> str:
-        return ("\n" if "\n" in space else " ") if post else ""
-
-    for space, word in pieces:
-        gap += space
-        if _drop(word):
-            continue
-        written = {t.casefold() for t in hashtags_in(word)}
-        left = [t for t in missing if t.casefold() not in written]
-        if len(post) + len(sep(gap)) + len(word) + _room(left) > limit:
-            return " ".join(filter(None, [post, *missing])), True
-        post, missing, gap = post + sep(gap) + word, left, ""
-    # the word being written cannot fit, whatever comes next (unless it may become a missing hashtag)
-    full = (bool(tail) and not _drop(tail) and not ("#" in tail and missing)
-            and len(post) + len(sep(" ")) + len(tail) + _room(missing) > limit)
-    return " ".join(filter(None, [post, *missing])), full
-
-
-def _strip_placeholders(text: str) -> str | None:
-    """text less its leading and trailing placeholder words, or None if one is left between other words."""
-    pieces = _PIECES.findall(text)
-    keep = [not _drop(word) for _, word in pieces]
-    if True not in keep:
-        return ""
-    first, last = keep.index(True), len(keep) - 1 - keep[::-1].index(True)
-    if not all(keep[first:last + 1]):
-        return None
-    return "".join(space + word for space, word in pieces[first:last + 1]).strip()
-
-
 def _content_words(text: str) -> list[str]:
     """Words of letters, outside placeholders and hashtags, of a topic word's length."""
-    text = _HASHTAG.sub(" ", " ".join(word for _, word in _PIECES.findall(text) if not _drop(word)))
+    text = HASHTAG.sub(" ", " ".join(word for _, word in PIECES.findall(text) if not unfit(word)))
     return [w for w in _WORD.findall(text) if _TOPIC_CHARS[0] <= len(w) <= _TOPIC_CHARS[1]]
 
 
@@ -225,18 +103,11 @@ def tasks(cfg: TasksConfig) -> dict:
     makers = {"compose": lambda s: _compose(rows, cfg.seed, s), "reply": lambda s: _reply(forest, s),
               "summarize": lambda s: _summarize(forest, s),
               "tone": lambda s: _tone(Path(cfg.tweeteval or ""), cfg.split, s, missing)}
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for name in cfg.tasks:
-                for example in makers[name](stats[name]):
-                    stats[name].examples += 1
-                    f.write(json.dumps(example | {"task": name}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write --out {out}: {e.strerror or e}; pass a writable path") from None
+    with atomic_write(out) as f:
+        for name in cfg.tasks:
+            for example in makers[name](stats[name]):
+                stats[name].examples += 1
+                f.write(json.dumps(example | {"task": name}, ensure_ascii=False) + "\n")
     report = {"split": cfg.split, "examples": sum(s.examples for s in stats.values()),
               "tasks": {name: {"examples": s.examples, "cleaned": s.cleaned, "skipped": dict(s.skipped.most_common()),
                                "kinds": dict(sorted(s.kinds.items()))} for name, s in stats.items()},
@@ -258,7 +129,7 @@ def _example(asks: list[dict], target: str, ids: list, *, thread_id: str, conver
 
 def _target(text: str, stats: TaskStats) -> str | None:
     """The text as a target (placeholders stripped at its ends), or None with the reason counted."""
-    target = _strip_placeholders(text)
+    target = strip_placeholders(text)
     reason = ("placeholder_inside" if target is None else "empty" if not target
               else "too_long" if len(target) > LIMIT else None)
     if reason:

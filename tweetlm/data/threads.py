@@ -25,7 +25,6 @@ Memory: every post of the split is held (~200 bytes plus its text); the output s
 """
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tweetlm.artifacts.files import atomic_write
 from tweetlm.data.corpus import SPLITS, shard_paths
 from tweetlm.errors import UserError
 
@@ -79,16 +79,9 @@ def threads(cfg: ThreadsConfig) -> dict:
     rows = (row for split in splits for path in shard_paths(cfg.corpus, split)
             for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=_COLUMNS)
             for row in batch.to_pylist())
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for conversation in conversations(rows, stats):
-                f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write --out {out}: {e.strerror or e}; pass a writable path") from None
+    with atomic_write(out) as f:
+        for conversation in conversations(rows, stats):
+            f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
     report = {"split": cfg.split, **{f.name: getattr(stats, f.name) for f in fields(stats)},
               "seconds": round(time.perf_counter() - start, 3)}
     for name in ("depth_histogram", "turns_histogram"):

@@ -8,7 +8,7 @@ last, so every post's end is predicted too. Documents are packed in order into w
 context that start at a document boundary (a post longer than the window goes on in the next one), and every
 token after the first is a target exactly once. bpb = nats of all targets / ln 2 / UTF-8 bytes of the posts:
 boundaries count in the nats and weigh 0 bytes, as in training's val_bpb, whose arithmetic this reuses
-(tweetlm.train.loop.evaluate). Training's val_bpb reads fixed windows of the val token shards and leaves each
+(tweetlm.model.scoring.evaluate). Training's val_bpb reads fixed windows of the val token shards and leaves each
 window's cut-off tail out, so the two differ a little; this one covers every post whole.
 A text file's lines are taken as they are (a corpus's clean_text is already normalized); blank lines are skipped.
 """
@@ -26,8 +26,8 @@ from tqdm import tqdm
 from tweetlm.data.corpus import SPLITS, iter_texts
 from tweetlm.errors import UserError
 from tweetlm.model.llama import IGNORE_INDEX
-from tweetlm.train.checkpoint import load_model
-from tweetlm.train.loop import evaluate
+from tweetlm.model.scoring import evaluate
+from tweetlm.model.weights import load_model
 
 _READ = 1000  # posts tokenized per call
 

@@ -40,11 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tweetlm.data.clean import normalize
+from tweetlm.artifacts.text import normalize
+from tweetlm.device import autocast, resolve_device
 from tweetlm.model.llama import Llama
+from tweetlm.model.weights import load_model
 from tweetlm.tokenizer.bpe import Tokenizer
-from tweetlm.train.checkpoint import load_model
-from tweetlm.train.dist import autocast, resolve_device
 
 WARMUP = 0.1  # share of the steps with a linearly rising LR
 WEIGHT_DECAY = 0.01  # on matrices only, as in BERT's fine-tuning recipe (Devlin et al. 2019)

@@ -7,98 +7,25 @@ Trained on TweetEval's offensive (OffensEval 2019: insults, threats, profanity, 
 (HatEval 2019: hate speech against immigrants and women) train splits, pooled: a post is toxic when it is
 labelled offensive or hateful. The two sets were annotated apart, and HatEval's "not hate" posts can still be
 offensive, so the pooled labels are noisy; "toxic" means what those ~21k English posts of 2016-2019 say it is.
-The model: TF-IDF word and char n-grams + logistic regression (ngrams.py), C chosen on the pooled val splits
+The model: TF-IDF word and char n-grams + logistic regression (tweetlm/eval/logistic.py), C chosen on the pooled val splits
 by the F1 of the toxic class, and the default threshold there too (the one of best F1); val precision,
 recall and F1 are reported beside a majority-class baseline, so a little optimistic, as tuned on val.
-
-SAFETY/ holds no pickle, so loading it runs no code from the file:
-    safety.json          {"format": 1, "threshold", "C", "val": {...}, "features", "vocabulary": {"word": [terms
-                         by feature index], "char": [...]}}
-    weights.safetensors  idf_word, idf_char [n_terms] float32; coef [n_features] float32; intercept [1] float32
-A score is sigmoid(features(normalize(text)) . coef + intercept), in [0, 1]; a post is toxic at score >= threshold.
+(tweetlm/artifacts/safety.py holds the classifier, its files and its scoring.)
 """
 
-import json
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-from tweetlm.data.clean import normalize
+from tweetlm.artifacts.ngrams import NgramFeatures
+from tweetlm.artifacts.safety import SafetyClassifier, sigmoid
+from tweetlm.artifacts.text import normalize
 from tweetlm.errors import UserError
-from tweetlm.eval.ngrams import NgramFeatures, fit_logistic
+from tweetlm.eval.logistic import fit_logistic
 from tweetlm.eval.tweeteval import C_GRID, load_task
-from tweetlm.spec import path_and_number
-
-FORMAT = 1
-_CONFIG, _WEIGHTS = "safety.json", "weights.safetensors"
-
-
-def parse_spec(spec: str) -> tuple[Path, float | None]:
-    """"SAFETY" or "SAFETY:THRESHOLD" (as --drop-toxic and --moderate take it) -> (folder, threshold or None)."""
-    path, threshold = path_and_number(spec)
-    if threshold is not None:
-        check_threshold(threshold)
-    return path, threshold
-
-
-def check_threshold(threshold: float) -> None:
-    if not 0 < threshold <= 1:
-        raise UserError(f"toxicity threshold {threshold}: must be in (0, 1]; a post is toxic at score >= threshold")
-
-
-class SafetyClassifier:
-    """score(texts) -> toxicity in [0, 1]; `threshold` is where a score counts as toxic. Build with `load`."""
-
-    def __init__(self, features: NgramFeatures, coef: np.ndarray, intercept: float, threshold: float, info: dict):
-        assert coef.shape == (features.size,), f"{coef.shape} weights for {features.size} features"
-        self.features, self.coef, self.intercept, self.threshold, self.info = features, coef, intercept, threshold, info
-
-    @classmethod
-    def load(cls, path: Path, threshold: float | None = None) -> "SafetyClassifier":
-        """From a SAFETY folder; `threshold` replaces the one chosen at training."""
-        path = Path(path)
-        try:
-            info = json.loads((path / _CONFIG).read_text())
-            arrays = load_file(path / _WEIGHTS)
-        except (OSError, ValueError) as e:
-            raise UserError(f"no safety classifier at {path} ({e}): train one with "
-                            f"`tweetlm safety train --data ../shared/data/tweeteval --out {path}`") from None
-        if info.get("format") != FORMAT:
-            raise UserError(f"{path / _CONFIG}: format {info.get('format')!r}, this tweetlm reads {FORMAT}: retrain it")
-        if threshold is not None:
-            check_threshold(threshold)
-        try:
-            features = NgramFeatures.from_state(info.pop("vocabulary"), arrays)
-            coef, intercept, default = arrays["coef"], float(arrays["intercept"][0]), info["threshold"]
-            if coef.shape != (features.size,):
-                raise ValueError(f"{coef.shape} weights for {features.size} features")
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{path} is damaged ({e}): retrain it with `tweetlm safety train`") from None
-        return cls(features, coef, intercept, default if threshold is None else threshold, info)
-
-    def save(self, path: Path) -> None:
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path} is a file; pass a folder for the safety classifier")
-        path.mkdir(parents=True, exist_ok=True)
-        vocabulary, arrays = self.features.state()
-        save_file(arrays | {"coef": self.coef, "intercept": np.array([self.intercept], np.float32)}, path / _WEIGHTS)
-        info = self.info | {"format": FORMAT, "threshold": self.threshold, "features": self.features.size}
-        (path / _CONFIG).write_text(json.dumps(info | {"vocabulary": vocabulary}, ensure_ascii=False) + "\n")
-
-    def score(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts)] float64 toxicity scores; texts are normalized as `data prepare` does first."""
-        if not texts:
-            return np.zeros(0)
-        return _sigmoid(self.features([normalize(t) for t in texts]) @ self.coef + self.intercept)
-
-
-# ---------------------------------------------------------------- training
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +52,7 @@ def train_safety(cfg: SafetyConfig) -> dict:
     for C in C_GRID:
         model = fit_logistic(x_train, train_y, C=C, seed=cfg.seed)
         coef, intercept = model.coef_[0].astype(np.float32), float(np.float32(model.intercept_[0]))  # as saved
-        threshold, f1 = best_threshold(val_y, _sigmoid(x_val @ coef + intercept))
+        threshold, f1 = best_threshold(val_y, sigmoid(x_val @ coef + intercept))
         print(f"safety train: C={C:g} val F1 {f1:.3f} at threshold {threshold:.3f}", file=sys.stderr)
         if best is None or f1 > best[0]:
             best = (f1, C, threshold, coef, intercept)
@@ -156,10 +83,6 @@ def best_threshold(gold: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     f1[:-1][s[:-1] == s[1:]] = -1  # no cut inside a run of tied scores
     k = int(np.argmax(f1))
     return (float(s[k] + s[k + 1]) / 2 if k + 1 < len(s) else float(s[k])), float(f1[k])
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
 
 def _pooled(cfg: SafetyConfig) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:

@@ -15,7 +15,7 @@ A model plugs in as a `Predictor`: `predict(dataset, *, seed, progress) -> label
 trained on dataset.train and tuned on dataset.val (never on eval's labels), reporting through `progress` (a
 tqdm bar: set its total, update it). A run is fine-tuned with a classification head per task (finetune.py),
 its row named after its folder, and the floor is trained beside it in the same table: `tfidf_baseline`, TF-IDF
-n-grams + logistic regression (ngrams.py), its C chosen on val by the task's official metric. When the split
+n-grams + logistic regression (logistic.py), its C chosen on val by the task's official metric. When the split
 asked is val, both are scored on the split they were tuned on (the run's epoch, the floor's C), so their val
 scores are a little optimistic.
 """
@@ -119,7 +119,7 @@ class TweetEvalConfig:
 
 def tweeteval(cfg: TweetEvalConfig) -> dict:
     """The verb: a run fine-tuned per task (row named after the run's folder) beside the TF-IDF floor (a minute
-    or two, most of it emoji's fits: ngrams.py); or the floor alone (--model tfidf)."""
+    or two, most of it emoji's fits: logistic.py); or the floor alone (--model tfidf)."""
     if cfg.run is None:
         return evaluate(cfg, {"tfidf": tfidf_baseline})
     from tweetlm.eval.finetune import finetuner  # torch loads only when a run is fine-tuned
@@ -264,8 +264,9 @@ def _check_predictions(pred: np.ndarray, ds: Dataset, model: str) -> None:
 
 
 def tfidf_baseline(ds: Dataset, *, seed: int, progress: tqdm) -> np.ndarray:
-    """TF-IDF word and char n-grams + logistic regression (ngrams.py), C chosen on val by the official metric."""
-    from tweetlm.eval.ngrams import NgramFeatures, fit_logistic  # scikit-learn loads only when a model is fit
+    """TF-IDF word and char n-grams + logistic regression (logistic.py), C chosen on val by the official metric."""
+    from tweetlm.artifacts.ngrams import NgramFeatures  # scikit-learn loads only when a model is fit
+    from tweetlm.eval.logistic import fit_logistic
 
     progress.reset(total=len(C_GRID))
     features = NgramFeatures.fit(ds.train.texts)

@@ -22,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tweetlm.data.tasks import LIMIT, check_hashtags, clip, compose_messages, reply_messages, summarize_messages
+from tweetlm.artifacts.prompts import LIMIT, check_hashtags, clip, compose_messages, reply_messages, summarize_messages
 from tweetlm.errors import UserError
 from tweetlm.infer.engine import Engine, SamplingParams
+from tweetlm.model.weights import load_model
 from tweetlm.tokenizer.bpe import SPECIAL_TOKENS
 from tweetlm.tokenizer.chat import render_chat
-from tweetlm.train.checkpoint import load_model
 
 
 def compose(engine, tokenizer, *, topic: str = "", hashtags: Sequence[str] = (), params: SamplingParams,

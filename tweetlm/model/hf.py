@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama, ModelConfig
+from tweetlm.model.weights import load_model, save_model
 from tweetlm.tokenizer.bpe import Tokenizer, adopt
-from tweetlm.train.checkpoint import load_model, save_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -176,7 +176,7 @@ def import_hf(src: Path, out: Path) -> None:
     _check_shapes(model, state, src)
     model.load_state_dict(state, assign=True)
     print(f"writing {out}/checkpoints/step-000000 (float32)", flush=True)
-    save_checkpoint(out, step=0, model=model, optimizers=[], state={}, val=None, keep=1)
+    save_model(model, out)
     tokenizer.save(out)
     _write_json(out / "import.json", {"source": str(src.resolve()), "model_type": hf["model_type"],
                                       "added_special_tokens": added, "vocab_size": [rows, cfg.vocab_size]})

@@ -14,11 +14,11 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tweetlm.data.tokens import read_index
 from tweetlm.errors import UserError
 from tweetlm.model.llama import ModelConfig
 from tweetlm.model.sizing import PRESETS, config_from_depth, flops_per_token, num_params, preset
 from tweetlm.plan.accelerators import Accelerator, accelerator
+from tweetlm.tokenizer.shards import read_index
 
 DAY = 86_400.0
 # Tokens per parameter at the compute optimum: ~20 in Chinchilla (Hoffmann et al. 2022, table 3: 70B on 1.4T);

@@ -15,7 +15,7 @@ can, so the pieces join to exactly what `check_citations` makes of the whole ans
 import re
 from collections.abc import Callable
 
-from tweetlm.data.clean import normalize
+from tweetlm.artifacts.text import normalize
 
 MAX_ID_CHARS = 128
 MARKER = re.compile(rf"[ \t]*\[post:([^\s\[\]]{{1,{MAX_ID_CHARS}}})\]")
@@ -93,7 +93,7 @@ def posts_message(posts: list[dict], count_tokens: Callable[[str], int], budget:
 
 def _line(post: dict) -> str:
     """`[post:ID] 2020-04-24 20:49Z: text`, on one line; links shortened to "http" as the model saw them in
-    training (tweetlm.data.clean.normalize)."""
+    training (tweetlm.artifacts.text.normalize)."""
     when = f" {post['created_at'][:16].replace('T', ' ')}Z" if post.get("created_at") else ""
     text = normalize(post["text"], mentions=False).replace("\n", " ")
     return f"[post:{post['id']}]{when}: {text}"

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tweetlm.data.clean import normalize
+from tweetlm.artifacts.text import normalize
 from tweetlm.data.post import Post
-from tweetlm.data.readers import NON_POST, detect, read
+from tweetlm.data.readers import post_files, read
 from tweetlm.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -50,7 +50,6 @@ MAX_LIMIT = 1000
 _MAX_TERMS = 32
 _FIELDS = ("id", "text", "created_at", "author_id", "lang", "conversation_id", "in_reply_to_id", "kind", "source")
 _COUNTS = ("read", "added", "updated", "unchanged", "removed")
-_EDITED = re.compile(r"(\S+) was edited into \S+")  # the detail of readers.py's "edited_superseded" drops
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -241,16 +240,8 @@ def add_files(inputs: tuple[str, ...], index_path: Path, *, batch: int = 20_000)
     """`tweetlm index add`: every post of the inputs (any format `data prepare` reads) into the index, one
     transaction per `batch` posts. An edited post's older versions in the inputs are removed from the index.
     Prints and returns the counts; every record read is added, updated, unchanged, skipped or dropped."""
-    from tweetlm.data.prepare import _expand  # inputs as `data prepare` takes them (it imports numpy, pyarrow)
-
     start = time.perf_counter()
-    tasks, skipped_files = [], []
-    for path in _expand(inputs):
-        fmt = detect(path)
-        if fmt is None or fmt in NON_POST:
-            skipped_files.append({"file": str(path), "why": NON_POST.get(fmt, "not a post format (binary)")})
-        else:
-            tasks.append((path, fmt))
+    tasks, skipped_files = post_files(inputs)
     if not tasks:
         raise UserError(f"none of the {len(skipped_files)} input files holds posts; see `tweetlm index add --help`")
     totals = Counter()
@@ -274,8 +265,8 @@ def add_files(inputs: tuple[str, ...], index_path: Path, *, batch: int = 20_000)
                         flush()
                 else:
                     totals[record.reason] += 1
-                    if m := _EDITED.fullmatch(record.detail):  # readers' Dropped("edited_superseded", ...)
-                        replaces.append(m[1])
+                    if record.superseded:
+                        replaces.append(record.superseded)
         flush()
         total = index.count
     seconds = time.perf_counter() - start

@@ -42,7 +42,7 @@ def _fit(tokenizer, system: list[dict], turns: list[dict], max_tokens: int, cont
 def chat(cfg: ChatConfig, *, read: Callable[[str], str] = input, out=None) -> None:
     """Reads user lines with `read(prompt)` (EOFError ends) and streams replies to `out` (default stdout)."""
     from tweetlm.infer.engine import Engine, SamplingParams
-    from tweetlm.train.checkpoint import load_model
+    from tweetlm.model.weights import load_model
 
     out = out or sys.stdout
     model, tokenizer = load_model(cfg.run, device=cfg.device)

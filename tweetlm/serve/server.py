@@ -68,8 +68,8 @@ def uvicorn_server(app, limits: ServeLimits, log_level: str = "info") -> uvicorn
 
 def serve(cfg: ServeConfig) -> None:
     from tweetlm.infer.engine import Engine
+    from tweetlm.model.weights import load_model
     from tweetlm.search.index import Index
-    from tweetlm.train.checkpoint import load_model
 
     sock = bind(cfg.host, cfg.port)  # first: a taken port fails at once, not after loading the model
     index = None
@@ -77,7 +77,7 @@ def serve(cfg: ServeConfig) -> None:
         index = Index(cfg.index) if cfg.index is not None else None
         moderator = None
         if cfg.moderate is not None:
-            from tweetlm.eval.safety import SafetyClassifier
+            from tweetlm.artifacts.safety import SafetyClassifier  # scikit-learn, only to moderate
 
             moderator = SafetyClassifier.load(cfg.moderate, cfg.moderate_threshold)
         model, tokenizer = load_model(cfg.run, device=cfg.device)

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import Field, field_validator, model_validator
 
-from tweetlm.data.tasks import check_hashtags, reply_messages, summarize_messages
+from tweetlm.artifacts.prompts import check_hashtags, reply_messages, summarize_messages
 from tweetlm.errors import UserError
 from tweetlm.infer import tasks
 from tweetlm.infer.engine import SamplingParams

@@ -1,10 +1,8 @@
-"""Byte-level BPE for posts: train on a corpus, load, encode, decode, save.
-
-    tweetlm tokenizer train work/corpus --vocab-size 16384 --out work/tokenizer
+"""Byte-level BPE for posts: load, encode, decode, save (trainer.py trains one on a corpus).
 
 Pipeline of the `tokenizers` library, no normalizer (the corpus is already normalized and
 decode(encode(s)) == s must hold for any string):
-    Split(_SPLIT_PATTERN) -> ByteLevel pre-tokenizer -> BPE -> ByteLevel decoder.
+    Split(SPLIT_PATTERN) -> ByteLevel pre-tokenizer -> BPE -> ByteLevel decoder.
 Every byte has a token, so any Unicode string encodes with no unknown token.
 
 Special tokens are looked up by name: training puts them at ids 0..5 in the order of
@@ -19,18 +17,12 @@ special-token strings in text (so chat templates written as strings work there).
 
 import hashlib
 import json
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
 
-from tweetlm.data.corpus import iter_texts, shard_paths
 from tweetlm.errors import UserError
 from tweetlm.tokenizer.chat import CHAT_TEMPLATE
 
@@ -45,7 +37,7 @@ SPECIAL_TOKENS = (
 )
 
 # GPT-4's split pattern (cl100k), adapted to posts. Branches are tried in order at each position:
-_SPLIT_PATTERN = "|".join([
+SPLIT_PATTERN = "|".join([
     # English contractions; ’ too, as phones type it.
     r"['’](?i:[sdmt]|ll|ve|re)",
     # A hashtag or mention with its leading space is one unit, digits and underscores included:
@@ -69,28 +61,8 @@ _SPLIT_PATTERN = "|".join([
     r"\s+",
 ])
 
-_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
-_VAL_SAMPLE_CHARS = 10_000_000  # bytes per token is measured on about this much of val
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizerConfig:
-    corpus: Path
-    out: Path
-    vocab_size: int = 16384  # special tokens included
-    # Training text cap, as nanochat's speedrun trains its tokenizer on ~2e9 chars (runs/speedrun.sh).
-    max_chars: int = 2_000_000_000
-
-    def __post_init__(self):
-        if self.vocab_size < _MIN_VOCAB:
-            raise UserError(f"--vocab-size {self.vocab_size} is too small: byte-level BPE needs at least "
-                            f"{_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-        if self.max_chars < 1:
-            raise UserError(f"max_chars must be positive, got {self.max_chars}")
-
-
 class Tokenizer:
-    """A trained byte-level BPE (see docs/CONTRACTS.md). Build with `Tokenizer.load` or `train_tokenizer`."""
+    """A trained byte-level BPE (see docs/CONTRACTS.md). Build with `Tokenizer.load` or `trainer.train_tokenizer`."""
 
     def __init__(self, tokenizer_json: str):
         self._json = tokenizer_json
@@ -186,49 +158,3 @@ def _check_byte_level(tok: HFTokenizer) -> None:
         raise UserError(f"this tokenizer.json is not a byte-level BPE (model {type(tok.model).__name__}, decoder "
                         f"{type(tok.decoder).__name__}): tweetlm needs one, as GPT-2 and Llama 3 have; sentencepiece-style "
                         "tokenizers (Llama 2, Mistral) are not supported")
-
-
-def train_tokenizer(config: TokenizerConfig) -> Tokenizer:
-    """Train on the train split's clean_text, save to config.out, print vocab size and bytes per token on val."""
-    if not shard_paths(config.corpus, "train"):
-        raise UserError(f"{config.corpus}/train has no Parquet shards to train on: is the corpus empty?")
-    hf = HFTokenizer(BPE())
-    hf.normalizer = None
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=config.vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                         show_progress=sys.stdout.isatty())  # off a terminal it only prints blank lines
-    t0 = time.perf_counter()
-    hf.train_from_iterator(_capped(iter_texts(config.corpus, "train"), config.max_chars), trainer)
-    tokenizer = Tokenizer(hf.to_str(pretty=True))
-    tokenizer.save(config.out)
-
-    note = "" if tokenizer.vocab_size == config.vocab_size else f" (asked {config.vocab_size}: the corpus has no more pairs to merge)"
-    print(f"trained in {time.perf_counter() - t0:.1f}s: vocab {tokenizer.vocab_size}{note} -> {config.out}/tokenizer.json")
-    n_bytes, n_tokens, examples = 0, 0, []
-    for batch in _capped(iter_texts(config.corpus, "val"), _VAL_SAMPLE_CHARS):
-        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-            n_bytes, n_tokens = n_bytes + len(text.encode()), n_tokens + len(ids)
-            if len(examples) < 2 and text:
-                examples.append(ids)
-    if n_tokens:
-        print(f"val: {n_bytes / n_tokens:.2f} bytes per token ({n_bytes:,} bytes, {n_tokens:,} tokens)")
-    else:
-        print("val: empty split, bytes per token not measured")
-    for ids in examples:
-        print("  " + "|".join(tokenizer.decode([i]) for i in ids))
-    return tokenizer
-
-
-def _capped(batches: Iterator[list[str]], max_chars: int) -> Iterator[list[str]]:
-    """Batches until about max_chars characters have gone by (whole batches)."""
-    seen = 0
-    for batch in batches:
-        if seen >= max_chars:
-            return
-        yield batch
-        seen += sum(map(len, batch))

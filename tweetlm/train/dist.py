@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tweetlm.device import resolve_device
 from tweetlm.errors import UserError
 
 # Dense bf16 peak FLOP/s from the vendors' data sheets (no sparsity), matched by substring of the device name.
@@ -74,18 +75,15 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when there is one, else cpu. With several processes, each takes GPU LOCAL_RANK of its node."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device = 'cuda' but PyTorch sees no CUDA device: use --device cpu (or auto)")
-    if name == "cuda" and world_size() > 1:
+def rank_device(name: str) -> torch.device:
+    """resolve_device(name) for this process: with several, each takes GPU LOCAL_RANK of its node."""
+    device = resolve_device(name)
+    if device.type == "cuda" and world_size() > 1:
         if _local_rank() >= torch.cuda.device_count():
             raise UserError(f"local rank {_local_rank()} has no GPU: this node has {torch.cuda.device_count()}; "
                             "launch at most that many processes per node (--nproc-per-node)")
-        return torch.device("cuda", _local_rank())
-    return torch.device(name)
+        return resolve_device(name, index=_local_rank())
+    return device
 
 
 @contextlib.contextmanager
@@ -205,7 +203,7 @@ def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return full
 
 
-# ---------------------------------------------------------------- device and precision
+# ---------------------------------------------------------------- seed and peak FLOP/s
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -214,20 +212,6 @@ def seed_everything(seed: int, device: torch.device) -> None:
     torch.manual_seed(seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # free on CPU; on CUDA it needs CUBLAS_WORKSPACE_CONFIG and costs speed
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions and the loss in fp32); plain fp32 on CPU,
-    where bf16 autocast was slower for our shapes and would break bit-exact comparisons with fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def peak_flops(device: torch.device) -> tuple[float | None, str]:

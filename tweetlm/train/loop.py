@@ -21,29 +21,28 @@ of the checkpoints; only rank 0 writes the rest of RUN/ and prints.
 
 import dataclasses
 import json
-import math
-import os
-import platform
-import subprocess
-import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tweetlm.data.tokens import check_tokenizer, open_split, read_index
+from tweetlm.artifacts.checkpoint import latest_checkpoint
+from tweetlm.artifacts.files import write_text
+from tweetlm.artifacts.runs import environment, log_metrics, plot_losses, trim_metrics
+from tweetlm.device import autocast, device_name
 from tweetlm.errors import UserError
-from tweetlm.model.llama import IGNORE_INDEX, Llama
+from tweetlm.model.llama import Llama
+from tweetlm.model.scoring import evaluate
 from tweetlm.model.sizing import flops_per_token, num_params
+from tweetlm.model.weights import load_model
 from tweetlm.tokenizer.bpe import Tokenizer
+from tweetlm.tokenizer.shards import check_tokenizer, open_split, read_index
 from tweetlm.train.batches import TokenBatches, val_batches
-from tweetlm.train.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+from tweetlm.train.checkpoint import load_checkpoint, save_checkpoint
 from tweetlm.train.config import TrainConfig, check_resume, load_config, to_toml
-from tweetlm.train.dist import (agree, all_reduce_sum, autocast, barrier, clip_grad_norm, device_name, grad_sync,
-                                is_main, parallelize, peak_flops, print0, process_group, rank, resolve_device,
-                                seed_everything, world_size)
+from tweetlm.train.dist import (agree, all_reduce_sum, barrier, clip_grad_norm, grad_sync, is_main, parallelize,
+                                peak_flops, print0, process_group, rank, rank_device, seed_everything, world_size)
 from tweetlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
@@ -54,7 +53,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None, val=None) -> 
     several processes it yields this rank's share, as TokenBatches does, and its state is JSON. `val` replaces
     the val windows of the shards: a list of (inputs, targets), this rank's share, as many on every rank.
     With both, cfg.tokens is not read (the tokenizer is then cfg.tokenizer's or init_from's)."""
-    device = resolve_device(cfg.device)
+    device = rank_device(cfg.device)
     with process_group(device, cfg.parallel):
         return _train(cfg, device, resume=resume, batches=batches, val=val)
 
@@ -131,11 +130,11 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
         done_before = checkpoint is not None and step == start_step  # this step's eval and checkpoint are already on disk
         evaluated = False
         if (step % cfg.eval.every == 0 or last) and not done_before:
-            last_val = evaluate(forward, val, token_bytes, device)
+            last_val = evaluate(forward, val, token_bytes, device, reduce=all_reduce_sum)
             evaluated = True
             if is_main():
-                _log(run, {"step": step, "tokens": tokens_seen, **last_val})
-                _plot(run)
+                log_metrics(run, {"step": step, "tokens": tokens_seen, **last_val})
+                plot_losses(run)
         if ((step % cfg.checkpoint.every == 0 and step > 0) or last) and not done_before:
             save_checkpoint(run, step=step, model=model, optimizers=optimizers, val=last_val if evaluated else None,
                             keep=cfg.checkpoint.keep, state={"loader": batches.state_dict(), "train_time": train_time,
@@ -167,7 +166,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
             session_tokens, session_time = session_tokens + cfg.batch_tokens, session_time + dt
         mfu = flops_per_step / dt / peak if peak else None
         if step % cfg.log_every == 0 and is_main():
-            _log(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
+            log_metrics(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
                        "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
                        "mfu": mfu, "time": train_time})
         bar.set_postfix_str(f"step {step} loss {loss:.3f} {cfg.batch_tokens / dt:,.0f} tok/s"
@@ -178,31 +177,6 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
              "mfu": tok_per_s * flops_per_step / cfg.batch_tokens / peak if tok_per_s and peak else None}
     print0("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items() if v is not None))
     return final
-
-
-@torch.no_grad()
-def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
-             device: torch.device) -> dict:
-    """{"val_loss": nats per target token, "val_bpb": bits per UTF-8 byte of the targets' text}.
-    Every target counts in both, the boundary token too (it carries where a post ends; its text has 0 bytes),
-    so bits-per-byte is the size the model would compress the text to, comparable across tokenizers.
-    Targets equal to IGNORE_INDEX count in neither. With several processes, each scores its share of the
-    val set and the sums are added over ranks."""
-    model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = torch.zeros((), dtype=torch.int64, device=device)
-    n_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast(device):
-            losses = model(inputs, targets, reduction="none")  # [B, T], 0 where ignored
-        counted = targets != IGNORE_INDEX
-        nats += losses.double().sum()
-        n_tokens += counted.sum()
-        n_bytes += torch.where(counted, token_bytes[targets.clamp(min=0)], 0).sum()
-    model.train()
-    nats, n_tokens, n_bytes = (all_reduce_sum(x) for x in (nats, n_tokens, n_bytes))
-    return {"val_loss": (nats / n_tokens).item(), "val_bpb": (nats / (math.log(2) * n_bytes)).item()}
 
 
 def _progress(cfg: TrainConfig, step: int, train_time: float) -> float:
@@ -269,73 +243,8 @@ def _start_run(run: Path, cfg: TrainConfig, tokenizer: Tokenizer, device: torch.
 def _write_run(run: Path, cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device, checkpoint: Path | None,
                resume: bool) -> None:
     if resume:
-        _trim_metrics(run, checkpoint_step=int(checkpoint.name.removeprefix("step-")) if checkpoint else -1)
+        trim_metrics(run, checkpoint_step=int(checkpoint.name.removeprefix("step-")) if checkpoint else -1)
     run.mkdir(parents=True, exist_ok=True)
-    tmp = run / "config.toml.tmp"
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, run / "config.toml")
+    write_text(run / "config.toml", to_toml(cfg))
     tokenizer.save(run)
-    (run / "env.json").write_text(json.dumps(_environment(device, checkpoint), indent=1) + "\n")
-
-
-def _environment(device: torch.device, resumed_from: Path | None) -> dict:
-    repo = Path(__file__).resolve().parents[2]
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(), "platform": platform.platform(), "device": device_name(device),
-        "processes": world_size(),
-        "packages": {p: metadata.version(p) for p in ("tweetlm", "torch", "numpy", "tokenizers", "safetensors")},
-        "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resumed_from": str(resumed_from) if resumed_from else None,
-    }
-
-
-def read_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl's records; a last line cut short by a kill is skipped."""
-    records = []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return records
-
-
-def _trim_metrics(run: Path, checkpoint_step: int) -> None:
-    """Keep the records up to the checkpoint a resumed run restarts from: the steps after it are run again."""
-    kept = [r for r in read_metrics(run) if r["step"] <= checkpoint_step]
-    tmp = run / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, run / "metrics.jsonl")
-
-
-def _log(run: Path, record: dict) -> None:
-    with open(run / "metrics.jsonl", "a") as f:  # a line at a time: a kill cuts at most the last line
-        f.write(json.dumps(record) + "\n")
-
-
-def _plot(run: Path) -> None:
-    """RUN/loss.png: train loss and val loss by step."""
-    from matplotlib.figure import Figure  # here, not at import: matplotlib takes ~0.5 s to load
-
-    records = read_metrics(run)
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
-    for key, style, label in (("loss", "-", "train loss"), ("val_loss", "o-", "val loss")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), style, label=label, markersize=3)
-    ax.set(xlabel="step", ylabel="loss (nats per token)", title=run.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / "loss.png.tmp", format="png")
-    os.replace(run / "loss.png.tmp", run / "loss.png")
+    write_text(run / "env.json", json.dumps(environment(device_name(device), world_size(), checkpoint), indent=1) + "\n")

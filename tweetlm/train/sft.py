@@ -28,7 +28,6 @@ conversations the held-out figure bottoms out early, see DEFAULTS).
 
 import json
 import math
-import os
 import sys
 from array import array
 from collections.abc import Iterable, Iterator
@@ -39,16 +38,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tweetlm.artifacts.checkpoint import best_checkpoint, run_folder
+from tweetlm.artifacts.files import write_text
+from tweetlm.artifacts.runs import read_metrics
 from tweetlm.data.split import assign_split
 from tweetlm.errors import UserError
 from tweetlm.model.llama import IGNORE_INDEX
 from tweetlm.spec import path_and_number
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat_with_mask
-from tweetlm.train.checkpoint import best_checkpoint, run_folder
 from tweetlm.train.config import TrainConfig, load_config
 from tweetlm.train.dist import is_main, print0, rank, world_size
-from tweetlm.train.loop import read_metrics, train
+from tweetlm.train.loop import train
 
 DEFAULT_VAL_RATIO = 0.05
 
@@ -375,7 +376,7 @@ def sft(cfg: SftConfig, *, resume: bool = False) -> dict:
                             "--val and --val-ratio, over unchanged files, or start a new run with another --out")
     elif is_main():
         cfg.out.mkdir(parents=True, exist_ok=True)
-        _write_json(path, record)
+        write_text(path, json.dumps(record, indent=1) + "\n")
 
     final = train(train_cfg, resume=resume, batches=batches, val=val)
     record["val_conversations"] = scored
@@ -385,14 +386,8 @@ def sft(cfg: SftConfig, *, resume: bool = False) -> dict:
         record["before"] = {"step": 0, "val_loss": before["val_loss"], "val_bpb": before["val_bpb"]}
         record["after"] = {"step": final["step"], "val_loss": final["val_loss"], "val_bpb": final["val_bpb"]}
         record["best"] = {key: best[key] for key in ("step", "val_loss", "val_bpb")}
-        _write_json(path, record)
+        write_text(path, json.dumps(record, indent=1) + "\n")
         print0(f"held-out assistant bits per byte: {before['val_bpb']:.4f} ({cfg.base}) -> {final['val_bpb']:.4f} "
                f"({cfg.out}, step {final['step']}); best checkpoint (the one generate, chat and serve load): "
                f"{best['val_bpb']:.4f} at step {best['step']}; -> {path}")
     return record
-
-
-def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from tweetlm.artifacts.files import write_text
 from tweetlm.data.corpus import SPLITS, shard_paths
 from tweetlm.errors import UserError
 from tweetlm.tokenizer.bpe import Tokenizer
@@ -88,9 +89,7 @@ def tokenize(config: TokenizeConfig) -> dict:
     index = {"tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
              "boundary_id": tokenizer.boundary_id, "splits": {split: writers[split].close() for split in SPLITS}}
     tokenizer.save(out)  # beside the shards, so `tweetlm train` needs no --tokenizer
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / "index.json")
+    write_text(out / "index.json", json.dumps(index, indent=1) + "\n")
 
     for split, shards in index["splits"].items():
         tokens, nbytes = sum(s["tokens"] for s in shards), sum(s["bytes"] for s in shards)

@@ -8,9 +8,10 @@ import pytest
 from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
 
 from tweetlm.data.corpus import SPLITS, iter_texts
-from tweetlm.data.tokens import TokenizeConfig, check_tokenizer, open_split, read_index, tokenize
 from tweetlm.errors import UserError
-from tweetlm.tokenizer.bpe import Tokenizer, TokenizerConfig, train_tokenizer
+from tweetlm.tokenizer.bpe import Tokenizer
+from tweetlm.tokenizer.shards import TokenizeConfig, check_tokenizer, open_split, read_index, tokenize
+from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
 
 def _tokenize(corpus: Path, tokenizer: Path, out: Path, **kw) -> dict:

@@ -208,5 +208,8 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("tweetlm: error: ") and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "full" / "notes.md").read_text() == "mine"
-    with pytest.raises(UserError, match="val_ratio, test_ratio"):
+    with pytest.raises(UserError, match="val_ratio and test_ratio must be >= 0 and sum to less than 1"):
         PrepareConfig(inputs=("x",), out=tmp_path, val_ratio=0.6, test_ratio=0.5)
+    # the library names the config field, the CLI the flag that sets it
+    assert main(["data", "prepare", str(V2 / "kpop.jsonl"), "--out", str(tmp_path / "c"), "--near-dup", "1.5"]) == 2
+    assert capsys.readouterr().err == "tweetlm: error: --near-dup 1.5: must be in [0, 1); 0 turns it off\n"

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from test_serve_api import served_run, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
 from tweetlm.cli import main
 from tweetlm.data.corpus import iter_texts
@@ -22,7 +21,7 @@ def test_windows_start_at_documents_and_target_every_token_once():
     assert list(_windows(iter([[0, 5]]), 0, window=512)) == [[0, 5, 0]]
 
 
-def test_bpb_is_the_plain_stream_computation(served_run, small_corpus, tmp_path):  # noqa: F811
+def test_bpb_is_the_plain_stream_computation(served_run, small_corpus, tmp_path):
     posts = [t for batch in iter_texts(small_corpus, "val") for t in batch][:12]
     assert all("\n" not in p and p.strip() for p in posts)
     text = tmp_path / "posts.txt"
@@ -43,7 +42,7 @@ def test_bpb_is_the_plain_stream_computation(served_run, small_corpus, tmp_path)
     assert (short["tokens"], short["bytes"]) == (whole["tokens"], whole["bytes"]) and short["bpb"] > 0
 
 
-def test_corpus_split_matches_the_same_posts_as_text(served_run, small_corpus, tmp_path, capsys):  # noqa: F811
+def test_corpus_split_matches_the_same_posts_as_text(served_run, small_corpus, tmp_path, capsys):
     posts = [t for batch in iter_texts(small_corpus, "val") for t in batch]
     (tmp_path / "val.txt").write_text("".join(p + "\n" for p in posts), encoding="utf-8")
     assert main(["eval", "bpb", str(served_run), "--corpus", str(small_corpus), "--split", "val"]) == 0
@@ -54,7 +53,7 @@ def test_corpus_split_matches_the_same_posts_as_text(served_run, small_corpus, t
     assert from_text == from_corpus
 
 
-def test_errors_are_one_line(served_run, tmp_path, capsys):  # noqa: F811
+def test_errors_are_one_line(served_run, tmp_path, capsys):
     (tmp_path / "blank.txt").write_text("\n \n")
     with pytest.raises(UserError, match="no posts in"):
         bpb(BpbConfig(run=served_run, text=tmp_path / "blank.txt"))

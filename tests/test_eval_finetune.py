@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from test_serve_api import served_run, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
 from tweetlm.cli import main
 from tweetlm.eval.finetune import Classifier, _encode, _pad, finetuner
@@ -34,7 +33,7 @@ class _Bar:
         self.postfix = s
 
 
-def test_run_end_to_end_on_a_subsample(served_run, tmp_path, capsys):  # noqa: F811
+def test_run_end_to_end_on_a_subsample(served_run, tmp_path, capsys):
     args = ["eval", "tweeteval", str(served_run), "--data", str(DATA), "--tasks", "irony,stance",
             "--max-train-examples", "40", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--seed", "3"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
@@ -56,7 +55,7 @@ def test_run_end_to_end_on_a_subsample(served_run, tmp_path, capsys):  # noqa: F
         assert (run_preds / path).read_bytes() == (tmp_path / "b" / "tiny-chat" / path).read_bytes(), target
 
 
-def test_the_head_learns_a_separable_task(served_run):  # noqa: F811
+def test_the_head_learns_a_separable_task(served_run):
     """Real posts, labelled by whether a marker word was put in them: the tiny run must learn to read it."""
     posts = [p.strip() for p in (DATA / "emotion" / "train_text.txt").read_text(encoding="utf-8").splitlines()[:300]]
     labels = np.arange(len(posts)) % 2
@@ -73,7 +72,7 @@ def test_the_head_learns_a_separable_task(served_run):  # noqa: F811
     np.testing.assert_array_equal(predict(replace(ds, eval=unlabelled), seed=0, progress=_Bar()), pred)
 
 
-def test_padding_changes_no_prediction(served_run):  # noqa: F811
+def test_padding_changes_no_prediction(served_run):
     """The model is causal, so a post's logits are the same alone or right-padded beside a longer one."""
     trunk, tokenizer = load_model(served_run)
     model = Classifier(trunk, 3)

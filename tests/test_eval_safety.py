@@ -14,18 +14,10 @@ from tweetlm.cli import main
 from tweetlm.data.corpus import SPLITS
 from tweetlm.data.prepare import PrepareConfig, prepare
 from tweetlm.errors import UserError
-from tweetlm.eval.safety import SafetyConfig, best_threshold, train_safety
+from tweetlm.eval.safety import best_threshold
 from tweetlm.eval.tweeteval import load_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"
-TRAIN_SAMPLE = 3000  # posts of each set: ~4 s of training; the full sets (21k posts) take ~14 s
-
-
-@pytest.fixture(scope="session")
-def safety_model(tmp_path_factory) -> tuple[Path, dict]:
-    """A SAFETY folder trained on 3000 offensive + 3000 hate posts, and train_safety's result."""
-    out = tmp_path_factory.mktemp("safety") / "safety"
-    return out, train_safety(SafetyConfig(data=DATA, out=out, max_train_examples=TRAIN_SAMPLE))
 
 
 def _val() -> tuple[list[str], np.ndarray]:

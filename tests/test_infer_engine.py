@@ -2,6 +2,7 @@
 and tokens, penalties, logprobs, async streaming, on a tiny random-init model (mechanics) and real posts."""
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tokenizer import DATA, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
+from helpers import DATA
 
 from tweetlm.errors import UserError
 from tweetlm.infer.engine import PREFILL_CHUNK, Engine, SamplingParams
@@ -24,7 +25,7 @@ POSTS = (DATA / "tweeteval" / "emotion" / "train_text.txt").read_text(encoding="
 
 
 @pytest.fixture(scope="module")
-def tokenizer(small_tokenizer) -> Tokenizer:  # noqa: F811
+def tokenizer(small_tokenizer) -> Tokenizer:
     return Tokenizer.load(small_tokenizer)
 
 
@@ -293,9 +294,10 @@ def test_async_consumers_stream_without_blocking_the_loop(model, tokenizer):
 
 
 def test_generate_streams_samples_in_order_and_a_seed_repeats_them(model, tokenizer):
-    cfg = GenerateConfig(run=Path("unused"), prompt="I love", num_samples=3, max_new_tokens=12, seed=5)
+    cfg = GenerateConfig(run=Path("unused"), prompt="I love", num_samples=3, seed=5,
+                         sampling=dataclasses.replace(GenerateConfig.sampling, max_tokens=12))
     first = list(generate(model, tokenizer, cfg))
     assert [i for i, _ in first] == sorted(i for i, _ in first) and {i for i, _ in first} <= {0, 1, 2}
     assert first == list(generate(model, tokenizer, cfg))
     with pytest.raises(UserError, match=r"--max-new-tokens \(5000\) exceed the model's context of 2048 tokens"):
-        list(generate(model, tokenizer, GenerateConfig(run=Path("unused"), max_new_tokens=5000)))
+        list(generate(model, tokenizer, GenerateConfig(run=Path("unused"), sampling=SamplingParams(max_tokens=5000))))

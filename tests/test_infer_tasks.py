@@ -8,10 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from helpers import EMOJI
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_serve_api import served_run  # noqa: F401 (fixture)
-from test_tokenizer import EMOJI, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
 from tweetlm.artifacts.prompts import LIMIT, check_hashtags, clip
 from tweetlm.cli import main
@@ -28,7 +27,7 @@ DROPPED = re.compile(r"@user|http|(?<![\w@])@\w|\bwww\.|[\x00-\x08\x0e-\x1b\x7f-
 
 
 @pytest.fixture(scope="module")
-def tokenizer(small_tokenizer) -> Tokenizer:  # noqa: F811
+def tokenizer(small_tokenizer) -> Tokenizer:
     return Tokenizer.load(small_tokenizer)
 
 
@@ -230,7 +229,7 @@ def test_user_errors(junk_engine, tokenizer):
 # ---------------------------------------------------------------- the verbs
 
 
-def test_verbs_print_posts_within_the_guarantees(served_run, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_verbs_print_posts_within_the_guarantees(served_run, tmp_path, capsys, monkeypatch):
     out = posts(TaskConfig(run=served_run, num_samples=3, seed=1), "compose", topic="brexit", hashtags=("#vote",))
     assert len(out) == 3 and all(len(p) <= LIMIT and "#vote" in _tags([p]) for p in out)
     assert main(["compose", str(served_run), "--topic", "brexit", "--hashtag", "vote", "--num-samples", "3",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tokenizer import _real_posts, small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
+from helpers import _real_posts, foreign_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, pre_tokenizers
 
 from tweetlm.cli import main
 from tweetlm.errors import UserError
@@ -71,7 +71,7 @@ def _make_run(run: Path, tokenizer: Tokenizer, **shape) -> Llama:
     {"tie_embeddings": False, "n_kv_heads": 4},
     {"tie_embeddings": True, "qk_norm": True},  # goes out as Qwen 3
 ], ids=["tied-gqa", "untied-mha", "qk_norm"])
-def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokenizer, tmp_path, shape):  # noqa: F811
+def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokenizer, tmp_path, shape):
     tokenizer = Tokenizer.load(small_tokenizer)
     ours = _make_run(tmp_path / "run", tokenizer, **shape)
     export_hf(tmp_path / "run", tmp_path / "hf")
@@ -98,7 +98,7 @@ def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokeniz
     assert back_tokenizer.hash == tokenizer.hash
 
 
-def test_export_bfloat16_from_the_cli(small_tokenizer, tmp_path):  # noqa: F811
+def test_export_bfloat16_from_the_cli(small_tokenizer, tmp_path):
     tokenizer = Tokenizer.load(small_tokenizer)
     ours = _make_run(tmp_path / "run", tokenizer, tie_embeddings=False)
     assert main(["export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
@@ -130,7 +130,7 @@ def _hf_checkpoint(folder: Path, tokenizer_json: str, *, vocab_size: int, tie: b
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_import_of_a_transformers_llama_reproduces_its_logits(small_tokenizer, tmp_path, tie):  # noqa: F811
+def test_import_of_a_transformers_llama_reproduces_its_logits(small_tokenizer, tmp_path, tie):
     tokenizer = Tokenizer.load(small_tokenizer)
     hf = _hf_checkpoint(tmp_path / "hf", (small_tokenizer / "tokenizer.json").read_text(), vocab_size=tokenizer.vocab_size, tie=tie)
     import_hf(tmp_path / "hf", tmp_path / "run")
@@ -144,21 +144,6 @@ def test_import_of_a_transformers_llama_reproduces_its_logits(small_tokenizer, t
         assert (model(ids) - hf(ids).logits).abs().max() <= ATOL
     # the run generates: `tweetlm generate` reads it as a trained run
     assert main(["generate", str(tmp_path / "run"), "--prompt", "good morning", "--max-new-tokens", "4", "--seed", "0"]) == 0
-
-
-def foreign_tokenizer(padding: int) -> tuple[HFTokenizer, int]:
-    """A GPT-2 / Llama 3 style tokenizer.json trained on real posts: byte-level BPE, its own specials after the
-    vocabulary (<|endoftext|> among them, as GPT-2's), and a post-processor that puts <|begin_of_text|> first.
-    Also the model's vocab_size: the tokenizer's, plus `padding` unused rows as many models keep."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_real_posts()[:500], trainers.BpeTrainer(
-        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.add_special_tokens(["<|begin_of_text|>", "<|endoftext|>"])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
-    return tok, tok.get_vocab_size() + padding
 
 
 @pytest.mark.parametrize("padding", [0, 64], ids=["grown", "padded"])
@@ -197,7 +182,7 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="module")
-def hf_folder(small_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
+def hf_folder(small_tokenizer, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf")
     _hf_checkpoint(folder, (small_tokenizer / "tokenizer.json").read_text(), vocab_size=Tokenizer.load(small_tokenizer).vocab_size, tie=True)
     return folder

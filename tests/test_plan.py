@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
 
 from tweetlm.cli import main
 from tweetlm.data.corpus import iter_texts
@@ -114,7 +113,7 @@ def test_activation_estimate_matches_what_autograd_saves():
     assert activation_bytes(cfg, 1, checkpointing=True) < per_token / 2
 
 
-def test_tokens_per_post_measured_on_real_posts(small_corpus, small_tokenizer, tmp_path):  # noqa: F811
+def test_tokens_per_post_measured_on_real_posts(small_corpus, small_tokenizer, tmp_path):
     tokenize(TokenizeConfig(corpus=small_corpus, tokenizer=small_tokenizer, out=tmp_path))
     tok = Tokenizer.load(small_tokenizer)
     texts = [t for batch in iter_texts(small_corpus, "train") for t in batch]

@@ -3,119 +3,24 @@ model trained a few steps on real posts. Completions, chat, streaming, n > 1, st
 every error case, the API key, the limits, cancellation on disconnect, metrics, graceful shutdown,
 and `tweetlm chat` with the same template."""
 
-import http.client
 import json
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import openai
 import pytest
 import torch
-from test_tokenizer import DATA, small_corpus, small_tokenizer  # noqa: F401 (fixtures)
+from helpers import LONG, POSTS, _client, _raw, _status_error, _wait_idle, live_server
 
 from tweetlm.cli import main
-from tweetlm.infer.engine import Engine, SamplingParams
+from tweetlm.infer.sampling import SamplingParams
 from tweetlm.model.weights import load_model
-from tweetlm.serve.app import ServeLimits, create_app
+from tweetlm.serve.app import ServeLimits
 from tweetlm.serve.chat import ChatConfig, chat
-from tweetlm.serve.server import bind, uvicorn_server
-from tweetlm.tokenizer.chat import render_chat
-from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
-from tweetlm.train.config import load_config
-from tweetlm.train.loop import train
-
-CONTEXT = 512
-LONG = 300  # tokens: a reply this long is still running when its client leaves (~1 ms a token here)
-POSTS = [p.strip() for p in (DATA / "tweeteval" / "emotion" / "train_text.txt").read_text(encoding="utf-8").splitlines()[:20]]
-
-
-@pytest.fixture(scope="session")
-def served_run(small_corpus, small_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
-    """A run folder named tiny-chat: the tiny preset, 4 steps on real posts. Made once per session, though
-    test_serve_web.py imports this fixture too (pytest would otherwise run it once per module)."""
-    run = tmp_path_factory.getbasetemp() / "served" / "tiny-chat"
-    if (run / "checkpoints").is_dir():
-        return run
-    tokens = tmp_path_factory.mktemp("serve-tokens")
-    tokenize(TokenizeConfig(corpus=small_corpus, tokenizer=small_tokenizer, out=tokens))
-    train(load_config(None, {"tokens": tokens, "tokenizer": small_tokenizer, "out": run, "model.preset": "tiny",
-                             "model.seq_len": CONTEXT, "batch_tokens": 2 * CONTEXT, "micro_batch": 2, "steps": 4,
-                             "eval.tokens": CONTEXT, "log_every": 4}))
-    return run
-
-
-@pytest.fixture(scope="session")
-def long_prompts(served_run) -> dict:
-    """A real post to complete and one to answer after which greedy decoding runs LONG tokens without ending, found
-    on this machine's numerics: what the tests that need a request to run to max_tokens send."""
-    model, tokenizer = load_model(served_run)
-    end = SamplingParams(max_tokens=LONG, temperature=0, stop_token_ids=(tokenizer.token_id("<|end|>"),))
-    found = {}
-    with Engine(model, tokenizer, max_batch_size=len(POSTS)) as engine:
-        for kind, ids in (("prompt", lambda p: [tokenizer.boundary_id, *tokenizer.encode(p)]),
-                          ("message", lambda p: render_chat(tokenizer, [{"role": "user", "content": p}]))):
-            requests = [engine.submit(ids(p), end) for p in POSTS]
-            ends = [[d.finish_reason for d in r][-1] for r in requests]
-            found[kind] = next((p for p, e in zip(POSTS, ends) if e == "length"), None)
-    assert None not in found.values(), f"every post's greedy continuation ends early on this fixture model: {found}"
-    return found
-
-
-@contextmanager
-def live_server(run: Path, *, limits: ServeLimits = ServeLimits(), **options):
-    """The app under uvicorn in a thread, on a free port: yields (base url, engine). `options` go to create_app
-    (api_key, moderator)."""
-    model, tokenizer = load_model(run)
-    engine = Engine(model, tokenizer, max_batch_size=8)
-    app = create_app(engine, tokenizer, model_name=run.name, limits=limits, **options)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn_server(app, limits, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server(served_run):
-    with live_server(served_run) as (url, engine):
-        yield url, engine
-
-
-def _client(url: str, key: str = "none") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def _raw(url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    """(status, headers, body) of one plain HTTP request: for what the openai client cannot send or hides."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, dict(response.headers), data
-
-
-def _wait_idle(engine, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while (stats := engine.stats())["running"] or stats["waiting"]:
-        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
-        time.sleep(0.01)
-    return stats
-
+from tweetlm.serve.server import bind
 
 # ---------------------------------------------------------------- answers
 
@@ -232,12 +137,6 @@ def test_logprobs_in_the_openai_shape(server, long_prompts):
 
 
 # ---------------------------------------------------------------- errors
-
-
-def _status_error(call) -> openai.APIStatusError:
-    with pytest.raises(openai.APIStatusError) as e:
-        call()
-    return e.value
 
 
 @pytest.mark.parametrize("fields, status, param, code, says", [
@@ -426,7 +325,7 @@ def test_terminal_chat_uses_the_servers_template(served_run, server, capsys):
         except StopIteration:
             raise EOFError from None
 
-    chat(ChatConfig(run=served_run, system="Be brief.", max_tokens=12, temperature=0), read=read)
+    chat(ChatConfig(run=served_run, system="Be brief.", sampling=SamplingParams(max_tokens=12, temperature=0)), read=read)
     out = capsys.readouterr().out
     replies = [line.split("bot> ", 1)[1] for line in out.splitlines() if "bot> " in line]
     assert len(replies) == 2 and "(new conversation)" in out

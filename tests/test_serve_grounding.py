@@ -13,9 +13,9 @@ from urllib.parse import urlencode
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from helpers import CONTEXT, _client, _raw, live_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_serve_api import CONTEXT, _client, _raw, live_server, served_run, server, small_corpus, small_tokenizer  # noqa: F401
 
 from tweetlm.cli import main
 from tweetlm.infer.engine import Delta
@@ -42,7 +42,7 @@ def index(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grounded(served_run, index):  # noqa: F811
+def grounded(served_run, index):
     with live_server(served_run, api_key=KEY, index=index, grounding=GroundingConfig(k=5)) as (url, engine):
         yield url, engine
 
@@ -155,7 +155,7 @@ def test_bad_posts_and_searches_are_openai_400s(grounded, path, body, param, say
     assert says in out["error"]["message"], out
 
 
-def test_the_api_key_guards_posts_and_search_and_no_index_is_404(grounded, server):  # noqa: F811
+def test_the_api_key_guards_posts_and_search_and_no_index_is_404(grounded, server):
     url = grounded[0]
     for method, path, body in (("GET", "/v1/search?q=vote", None),
                                ("POST", "/v1/posts", {"posts": [{"id": "k", "text": "sneakypost"}]})):
@@ -256,7 +256,7 @@ class _Reply:
         pass
 
 
-def test_invented_and_ungiven_citations_are_stripped_streamed_or_not(served_run, index):  # noqa: F811
+def test_invented_and_ungiven_citations_are_stripped_streamed_or_not(served_run, index):
     _, tokenizer = load_model(served_run)
     app = create_app(_Citing(tokenizer), tokenizer, model_name="tiny-chat", index=index)
     http = TestClient(app)  # in-process: the engine is no model, so no need for a port
@@ -277,7 +277,7 @@ def test_invented_and_ungiven_citations_are_stripped_streamed_or_not(served_run,
     assert 'tweetlm_citations_total{outcome="stripped"} 4' in metrics
 
 
-def test_grounding_by_default_can_be_turned_off_per_request_and_is_counted(served_run, index):  # noqa: F811
+def test_grounding_by_default_can_be_turned_off_per_request_and_is_counted(served_run, index):
     with live_server(served_run, index=index, grounding=GroundingConfig(default=True, k=2)) as (url, _):
         client = _client(url)
         ask = dict(model="tiny-chat", messages=[{"role": "user", "content": QUESTION}], max_tokens=4)
@@ -288,7 +288,7 @@ def test_grounding_by_default_can_be_turned_off_per_request_and_is_counted(serve
         assert "tweetlm_grounded_requests_total 1\n" in metrics
 
 
-def test_grounding_errors(grounded, server, served_run, capsys):  # noqa: F811
+def test_grounding_errors(grounded, server, served_run, capsys):
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "grounding": True}
     status, out = _call(server[0], "POST", "/v1/chat/completions", body, key=None)  # no --index
     assert status == 400 and out["error"]["param"] == "grounding" and "--index INDEX" in out["error"]["message"]

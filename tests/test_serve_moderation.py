@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_eval_safety import safety_model  # noqa: F401 (fixture)
-from test_serve_api import (LONG, _client, _raw, _status_error, live_server, long_prompts, served_run,  # noqa: F401
-                            server, small_corpus, small_tokenizer)
+from helpers import LONG, _client, _raw, _status_error, live_server
 
 from tweetlm.artifacts.safety import SafetyClassifier
 from tweetlm.cli import main
@@ -19,7 +17,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"
 
 
 @pytest.fixture(scope="module")
-def classifier(safety_model) -> SafetyClassifier:  # noqa: F811
+def classifier(safety_model) -> SafetyClassifier:
     return SafetyClassifier.load(safety_model[0])
 
 
@@ -32,7 +30,7 @@ def posts(classifier) -> dict:
 
 
 @pytest.fixture(scope="module")
-def moderated(served_run, classifier):  # noqa: F811
+def moderated(served_run, classifier):
     with live_server(served_run, moderator=classifier) as (url, engine):
         yield url, engine
 
@@ -96,7 +94,7 @@ class _FlagsLongTexts:
         return np.array([float(len(t) > self.limit) for t in texts])
 
 
-def test_toxic_replies_stop_with_content_filter(served_run, server, long_prompts):  # noqa: F811
+def test_toxic_replies_stop_with_content_filter(served_run, server, long_prompts):
     message = [{"role": "user", "content": long_prompts["message"]}]  # greedy decoding runs LONG tokens after it
     ask = dict(model="tiny-chat", messages=message, max_tokens=LONG, temperature=0)
     reference = _client(server[0]).chat.completions.create(**ask).choices[0].message.content  # unmoderated
@@ -121,7 +119,7 @@ def test_toxic_replies_stop_with_content_filter(served_run, server, long_prompts
         assert _metrics(url)['tweetlm_moderation_refusals_total{stage="output"}'] == 3
 
 
-def test_moderation_off_and_a_missing_classifier(server, served_run, tmp_path, capsys):  # noqa: F811
+def test_moderation_off_and_a_missing_classifier(server, served_run, tmp_path, capsys):
     status, _, data = _raw(server[0], "POST", "/v1/moderations", b'{"input": "hi"}')
     assert status == 404 and b"--moderate SAFETY" in data
     assert _metrics(server[0])['tweetlm_moderation_refusals_total{stage="input"}'] == 0

@@ -1,4 +1,4 @@
-"""POST /v1/compose, /v1/reply, /v1/summarize on a live server (the tiny model of test_serve_api.py): the post
+"""POST /v1/compose, /v1/reply, /v1/summarize on a live server (the tiny model of conftest.py's served_run): the post
 guarantees, the same post as infer/tasks.py for the same seed, errors as OpenAI objects, the API key, the
 concurrency limit, the timeout and moderation."""
 
@@ -8,8 +8,7 @@ import re
 import numpy as np
 import openai
 import pytest
-from test_serve_api import LONG, _client, _raw, _wait_idle, live_server, long_prompts, served_run  # noqa: F401
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (served_run's fixtures)
+from helpers import LONG, _client, _raw, _wait_idle, live_server
 
 from tweetlm.artifacts.prompts import LIMIT
 from tweetlm.infer.engine import SamplingParams
@@ -20,18 +19,12 @@ from tweetlm.serve.app import ServeLimits
 THREAD = ["I'll be in the garage if you need me", "@bob Headed there myself 👍🏼", "Clearing a shelf https://t.co/x"]
 
 
-@pytest.fixture(scope="module")
-def server(served_run):  # noqa: F811
-    with live_server(served_run) as (url, engine):
-        yield url, engine
-
-
 def _post(url: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
     status, _, data = _raw(url, "POST", path, json.dumps(body).encode(), headers)
     return status, json.loads(data)
 
 
-def test_each_task_answers_one_post_the_same_as_the_library(server, served_run):  # noqa: F811
+def test_each_task_answers_one_post_the_same_as_the_library(server, served_run):
     url, engine = server
     _, tokenizer = load_model(served_run)
     params = SamplingParams(max_tokens=120, temperature=1.0, seed=7)
@@ -77,7 +70,7 @@ def test_bad_requests_are_openai_error_objects(server, path, fields, status, par
     assert engine.stats()["requests_total"] == before  # refused before anything was queued
 
 
-def test_api_key_timeout_metrics(served_run):  # noqa: F811
+def test_api_key_timeout_metrics(served_run):
     with live_server(served_run, api_key="s3cret") as (url, _):
         ask = {"model": "tiny-chat", "post": "hi"}
         assert _post(url, "/v1/reply", ask)[1]["error"]["code"] == "invalid_api_key"
@@ -91,7 +84,7 @@ def test_api_key_timeout_metrics(served_run):  # noqa: F811
         assert _wait_idle(engine)["completion_tokens_total"] < 20
 
 
-def test_the_concurrency_limit_counts_task_requests(served_run, long_prompts):  # noqa: F811
+def test_the_concurrency_limit_counts_task_requests(served_run, long_prompts):
     with live_server(served_run, limits=ServeLimits(max_concurrent=1)) as (url, engine):
         client = _client(url)
         stream = client.completions.create(model="tiny-chat", prompt=long_prompts["prompt"], max_tokens=LONG,
@@ -112,7 +105,7 @@ class _FlagsAllButOk:
         return np.array([0.0 if t.startswith("ok") else 1.0 for t in texts])
 
 
-def test_moderation_refuses_inputs_and_withholds_posts(served_run):  # noqa: F811
+def test_moderation_refuses_inputs_and_withholds_posts(served_run):
     with live_server(served_run, moderator=_FlagsAllButOk()) as (url, engine):
         status, body = _post(url, "/v1/reply", {"model": "tiny-chat", "post": "you are awful"})
         assert status == 400 and body["error"]["code"] == "content_filter" and body["error"]["param"] == "post"

@@ -5,12 +5,11 @@ reply (the API's own reply), errors are shown, and "New conversation" starts ove
 
 import json
 
+from helpers import _raw, live_server
 from playwright.sync_api import expect, sync_playwright
-from test_serve_api import _raw, live_server, long_prompts, served_run  # noqa: F401 (fixtures)
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures)
 
 
-def test_web_chat_streams_a_reply_and_shows_errors(served_run, long_prompts):  # noqa: F811
+def test_web_chat_streams_a_reply_and_shows_errors(served_run, long_prompts):
     with live_server(served_run) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
         page = browser.new_page()

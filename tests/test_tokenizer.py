@@ -2,66 +2,19 @@
 
 import functools
 import hashlib
-import itertools
 import json
 from pathlib import Path
 
 import pytest
+from helpers import EMOJI
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
-from tweetlm.data.corpus import SPLITS, ShardWriter, iter_texts
-from tweetlm.data.post import POST_FIELDS
+from tweetlm.data.corpus import SPLITS, iter_texts
 from tweetlm.errors import UserError
 from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
 from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-EMOJI = ["👩\u200d💻", "👍🏽", "🇫🇷", "1\ufe0f\u20e3", "❤\ufe0f", "👨\u200d👩\u200d👧\u200d👦", "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"]
-
-
-# ---------------------------------------------------------------- fixtures (shared with test_data_tokens.py)
-
-
-def _real_posts() -> list[str]:
-    """150 posts from each TweetEval task and XLM-T language (8 languages, several scripts), plus the
-    posts with a ZWJ emoji sequence from TweetEval hate and offensive."""
-    files = sorted(DATA.glob("tweeteval/*/train_text.txt")) + sorted(DATA.glob("xlm-t/*/train_text.txt"))
-    posts = []
-    for f in files:
-        with open(f, encoding="utf-8") as lines:
-            posts += [line.rstrip("\n") for line in itertools.islice(lines, 150)]
-    for task in ("hate", "offensive"):
-        text = (DATA / "tweeteval" / task / "train_text.txt").read_text(encoding="utf-8")
-        posts += [line for line in text.splitlines() if "\u200d" in line]
-    return posts
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> Path:
-    """A CORPUS folder as `data prepare` writes it: 8 of 10 posts to train, 1 to val, 1 to test."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "report.json").write_text("{}")
-    writers = {split: ShardWriter(corpus, split, rows_per_shard=700) for split in SPLITS}
-    for i, text in enumerate(_real_posts()):
-        split = "val" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
-        row = dict.fromkeys(POST_FIELDS) | {"id": str(i), "text": text, "kind": "post", "source": f"fixture:{i}"}
-        writers[split].write(row | {"clean_text": text})
-    for w in writers.values():
-        w.close()
-    return corpus
-
-
-@pytest.fixture(scope="session")
-def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
-    """A TOKENIZER folder with a 1000-token vocabulary trained on small_corpus."""
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(TokenizerConfig(corpus=small_corpus, out=out, vocab_size=1000))
-    return out
-
-
-# ---------------------------------------------------------------- tests
 
 
 def _texts(corpus: Path, split: str) -> list[str]:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
 
 from tweetlm.data.corpus import SPLITS, iter_texts
 from tweetlm.errors import UserError

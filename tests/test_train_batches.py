@@ -2,20 +2,9 @@
 
 import numpy as np
 import torch
+from helpers import BOUNDARY, _shards
 
 from tweetlm.train.batches import TokenBatches, val_batches, window_starts
-
-BOUNDARY = 0
-
-
-def _shards(seed: int = 0, n_shards: int = 3, docs: int = 200) -> list[np.ndarray]:
-    """Shards as `data tokenize` writes them: [boundary] + 1..60 ids per document, lengths like posts."""
-    rng = np.random.default_rng(seed)
-    shards = []
-    for _ in range(n_shards):
-        parts = [np.concatenate([[BOUNDARY], rng.integers(1, 500, rng.integers(1, 60))]) for _ in range(docs)]
-        shards.append(np.concatenate(parts).astype(np.uint16))
-    return shards
 
 
 def _epoch(batches: TokenBatches, shards) -> list[tuple[int, int]]:

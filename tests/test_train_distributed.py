@@ -21,9 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures)
-from test_train_batches import BOUNDARY, _shards
-from test_train_loop import TINY, _config, _records, small_tokens  # noqa: F401 (fixture)
+from helpers import BOUNDARY, TINY, _config, _records, _shards
 
 from tweetlm.artifacts.checkpoint import latest_checkpoint
 from tweetlm.cli import main
@@ -66,7 +64,7 @@ def _assert_close(a: dict[int, float], b: dict[int, float], optimizer: str = "ad
 
 
 @pytest.fixture(scope="module")
-def one_process(small_tokens, small_tokenizer, tmp_path_factory):  # noqa: F811
+def one_process(small_tokens, small_tokenizer, tmp_path_factory):
     """The reference runs, in this process: Muon (for ddp) and AdamW (for fsdp). On 1 thread, as each rank runs:
     2 threads on a busy 2-core machine spin-wait on each other (a 3-second run took 90)."""
     root = tmp_path_factory.mktemp("one")
@@ -82,7 +80,7 @@ def one_process(small_tokens, small_tokenizer, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(small_tokens, small_tokenizer, tmp_path_factory):  # noqa: F811
+def fsdp_run(small_tokens, small_tokenizer, tmp_path_factory):
     run = tmp_path_factory.mktemp("fsdp") / "run"
     _run(_torchrun(small_tokens, small_tokenizer, run, "--parallel", "fsdp", *(f"--set={k}={v}" for k, v in ADAMW.items())))
     return run
@@ -112,7 +110,7 @@ def test_ranks_share_the_one_stream_and_val_set():
         assert scored([b for s in shares for b in s]) == scored(whole)
 
 
-def test_fsdp_with_muon_and_uneven_splits_are_refused(small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_fsdp_with_muon_and_uneven_splits_are_refused(small_tokens, small_tokenizer, tmp_path):
     with pytest.raises(UserError, match="fsdp needs optim.name = adamw"):
         _config(small_tokens, small_tokenizer, tmp_path, parallel="fsdp")
     cfg = load_config(None, {"tokens": small_tokens, "tokenizer": small_tokenizer, "out": tmp_path, "steps": 1,
@@ -122,7 +120,7 @@ def test_fsdp_with_muon_and_uneven_splits_are_refused(small_tokens, small_tokeni
         cfg.grad_accum_per_rank(3)
 
 
-def test_ddp_matches_one_process_step_for_step(one_process, small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_ddp_matches_one_process_step_for_step(one_process, small_tokens, small_tokenizer, tmp_path):
     """With activation checkpointing too: recomputing a block's forward in backward changes no number."""
     run = tmp_path / "ddp"
     _run(_torchrun(small_tokens, small_tokenizer, run, "--parallel", "ddp", "--set=activation_checkpointing=true"))
@@ -149,7 +147,7 @@ def test_fsdp_matches_one_process_and_writes_shards_from_every_rank(one_process,
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-def test_two_process_checkpoint_resumes_in_one(one_process, fsdp_run, small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_two_process_checkpoint_resumes_in_one(one_process, fsdp_run, small_tokens, small_tokenizer, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(fsdp_run, run)
     shutil.rmtree(run / "checkpoints" / f"step-{STEPS:06d}")  # back to step 6, as if killed after it
@@ -159,7 +157,7 @@ def test_two_process_checkpoint_resumes_in_one(one_process, fsdp_run, small_toke
     load_model(run)  # under Llama's own parameter names, whatever wrapped the blocks
 
 
-def test_one_process_checkpoint_resumes_in_two(one_process, small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_one_process_checkpoint_resumes_in_two(one_process, small_tokens, small_tokenizer, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(one_process["adamw"], run)
     shutil.rmtree(run / "checkpoints" / f"step-{STEPS:06d}")
@@ -208,7 +206,7 @@ def _workers(launcher: int) -> dict[int, int]:
     return workers
 
 
-def test_killed_rank_ends_the_job_naming_it(small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_killed_rank_ends_the_job_naming_it(small_tokens, small_tokenizer, tmp_path):
     run = tmp_path / "run"
     argv = _torchrun(small_tokens, small_tokenizer, run, "--steps", "100000", "--set=eval.every=100000")
     launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

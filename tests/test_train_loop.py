@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
+from helpers import STEPS, TINY, _config, _one_line_error, _records
 
 from tweetlm.artifacts.checkpoint import latest_checkpoint
-from tweetlm.cli import main
 from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import preset
 from tweetlm.model.weights import load_model
-from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 from tweetlm.train.checkpoint import load_checkpoint
 from tweetlm.train.config import load_config
@@ -32,29 +30,10 @@ from tweetlm.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "train_tiny_losses.json"
-STEPS = 24
-# The tiny preset at seq_len 64, 2 micro-batches of 8 per step: ~0.03 s a step on one CPU core.
-TINY = {"model.preset": "tiny", "model.seq_len": 64, "batch_tokens": 1024, "micro_batch": 8, "log_every": 1,
-        "eval.tokens": 2048, "steps": STEPS}
 
 
 @pytest.fixture(scope="module")
-def small_tokens(small_corpus, small_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
-    out = tmp_path_factory.mktemp("tokens")
-    tokenize(TokenizeConfig(corpus=small_corpus, tokenizer=small_tokenizer, out=out))
-    return out
-
-
-def _config(tokens: Path, tokenizer: Path, out: Path, **overrides):
-    return load_config(None, {"tokens": tokens, "tokenizer": tokenizer, "out": out, **TINY, **overrides})
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(small_tokens, small_tokenizer, tmp_path_factory):  # noqa: F811
+def tiny_run(small_tokens, small_tokenizer, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     final = train(_config(small_tokens, small_tokenizer, run, **{"eval.every": 8, "checkpoint.every": 8}))
     return run, final
@@ -72,7 +51,7 @@ def test_tiny_model_loss_falls_on_real_posts(tiny_run):
     assert len(losses) == STEPS and sum(losses[-4:]) < sum(losses[:4]) - 1.0
 
 
-def test_run_folder_is_complete_and_self_sufficient(tiny_run, small_tokens, small_tokenizer):  # noqa: F811
+def test_run_folder_is_complete_and_self_sufficient(tiny_run, small_tokens, small_tokenizer):
     run, final = tiny_run
     assert load_config(run / "config.toml") == _config(small_tokens, small_tokenizer, run, **{"eval.every": 8, "checkpoint.every": 8})
     env = json.loads((run / "env.json").read_text())
@@ -131,7 +110,7 @@ def _latest_step(run: Path) -> int:
     return int(checkpoint.name.removeprefix("step-")) if checkpoint else -1
 
 
-def test_resume_after_kill_9_is_bit_exact(small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_resume_after_kill_9_is_bit_exact(small_tokens, small_tokenizer, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli(small_tokens, small_tokenizer, straight), check=True, capture_output=True)
 
@@ -152,15 +131,7 @@ def test_resume_after_kill_9_is_bit_exact(small_tokens, small_tokenizer, tmp_pat
     assert (straight / final).read_bytes() == (killed / final).read_bytes()
 
 
-def _one_line_error(argv: list[str], capsys) -> str:
-    capsys.readouterr()  # drop what came before
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("tweetlm: error: "), err
-    return err
-
-
-def test_bad_input_is_one_line_and_exit_2(tiny_run, small_tokens, small_tokenizer, small_corpus, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_one_line_and_exit_2(tiny_run, small_tokens, small_tokenizer, small_corpus, tmp_path, capsys):
     def args(tokenizer=small_tokenizer, out=tmp_path / "new", extra=()):
         return ["train", "--tokens", str(small_tokens), "--tokenizer", str(tokenizer), "--out", str(out), "--steps", "2", *extra]
 
@@ -174,7 +145,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, small_tokens, small_tokenize
     assert "no training data: give token shards" in _one_line_error(no_tokens, capsys)
 
 
-def test_checkpoint_of_another_shape_is_refused(tiny_run, small_tokens, small_tokenizer, tmp_path, capsys):  # noqa: F811
+def test_checkpoint_of_another_shape_is_refused(tiny_run, small_tokens, small_tokenizer, tmp_path, capsys):
     """A checkpoint folder copied in from a run of another shape: resume stops with one line, exit 2."""
     other = tmp_path / "other"
     train(_config(small_tokens, small_tokenizer, other, steps=1, **{"model.preset": None, "model.depth": 1}))
@@ -187,7 +158,7 @@ def test_checkpoint_of_another_shape_is_refused(tiny_run, small_tokens, small_to
         load_checkpoint(latest_checkpoint(tiny_run[0]), Llama(preset("tiny", vocab_size=1000, max_seq_len=128)), [])
 
 
-def test_time_budget_ends_the_run(small_tokens, small_tokenizer, tmp_path):  # noqa: F811
+def test_time_budget_ends_the_run(small_tokens, small_tokenizer, tmp_path):
     cfg = _config(small_tokens, small_tokenizer, tmp_path / "run", steps=None, time_budget=0.002)  # 0.12 s
     final = train(cfg)
     assert final["time"] >= 0.12 and final["step"] >= 1

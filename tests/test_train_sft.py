@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tokenizer import small_corpus, small_tokenizer  # noqa: F401 (fixtures; to move to conftest.py)
-from test_train_loop import _config, _one_line_error, small_tokens  # noqa: F401
+from helpers import _config, _one_line_error
 
 from tweetlm.cli import main
 from tweetlm.data.prepare import PrepareConfig, prepare
@@ -18,9 +17,9 @@ from tweetlm.model.llama import IGNORE_INDEX
 from tweetlm.model.weights import load_model
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat
+from tweetlm.train.batches import ConversationBatches, conversation_val_batches
 from tweetlm.train.loop import train
-from tweetlm.train.sft import (ConversationBatches, SftConfig, Source, conversation_val_batches, read_conversations,
-                               sft)
+from tweetlm.train.sft import SftConfig, Source, read_conversations, sft
 
 V2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter-api-v2"
 SEQ_LEN = 256  # the fine-tuning window: threads of the API v2 files are ~150 tokens with the 1000-token vocabulary
@@ -42,7 +41,7 @@ def _jsonl(path: Path, conversations: list[list[dict]]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(small_tokenizer) -> Tokenizer:  # noqa: F811
+def tok(small_tokenizer) -> Tokenizer:
     return Tokenizer.load(small_tokenizer)
 
 
@@ -57,7 +56,7 @@ def thread_files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def base(small_tokens, small_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
+def base(small_tokens, small_tokenizer, tmp_path_factory) -> Path:
     """A tiny model pretrained a few steps on real posts (the BASE to fine-tune)."""
     run = tmp_path_factory.mktemp("sft-base") / "base"
     train(_config(small_tokens, small_tokenizer, run, steps=30, **{"model.seq_len": 128, "eval.every": 30}))

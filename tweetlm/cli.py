@@ -1,15 +1,20 @@
 """tweetlm VERB ...: a thin layer that parses flags and calls one stage function per verb.
 
 Stage modules are imported inside each verb, so `tweetlm --help` stays instant.
-A UserError from any stage becomes one line on stderr and exit code 2.
+A UserError from any stage becomes one line on stderr and exit code 2; a ConfigError names the flag of its field.
+Each default lives in one place, the verb's config dataclass: a flag whose dest is a field of it (dotted for a
+nested config: "sampling.temperature") defaults to None, `_config` leaves a flag not given to the dataclass, and
+the help text reads the default from the dataclass when `VERB --help` is printed.
 """
 
 import argparse
+import dataclasses
+import importlib
 import os
 import sys
 from pathlib import Path
 
-from tweetlm.errors import UserError
+from tweetlm.errors import ConfigError, UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -21,8 +26,63 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _formatter(prog):
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+def _formatter(prog, config: str | None = None):
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            default = _default(config, action.dest) if config else None
+            shown = default is not None and default is not False and "default" not in (action.help or "")
+            return f"{action.help} (default {_show(default)})" if shown else action.help
+
+    return Formatter(prog, max_help_position=32)
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _class(config: str):
+    module, _, name = config.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _field_default(cls_or_obj, name: str):
+    """The default of field `name` of a dataclass (or its value on an instance); dataclasses.MISSING if none."""
+    if not isinstance(cls_or_obj, type):
+        return getattr(cls_or_obj, name)
+    found = {f.name: f for f in dataclasses.fields(cls_or_obj)}.get(name)
+    if found is None:
+        return dataclasses.MISSING
+    if found.default_factory is not dataclasses.MISSING:
+        return found.default_factory()
+    return found.default
+
+
+def _default(config: str, dest: str):
+    """The default of the (dotted) field `dest` of dataclass `config` ("module.Class"), None if it is not a field."""
+    value = _class(config)
+    for part in dest.split("."):
+        if not dataclasses.is_dataclass(value):
+            return None
+        value = _field_default(value, part)
+    return None if value is dataclasses.MISSING else value
+
+
+def _config(cls, a, **fixed):
+    """cls(**fixed, and every flag given whose dest is a (dotted) field of cls): a flag left out keeps cls's
+    default. A nested config ("sampling.temperature") is its default with the given fields replaced."""
+    values = {k: v for k, v in fixed.items() if v is not None}
+    nested, names = {}, {f.name for f in dataclasses.fields(cls)}
+    for dest, value in vars(a).items():
+        head, _, rest = dest.partition(".")
+        if value is None or dest in fixed or head not in names:
+            continue
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            values[dest] = value
+    for head, changes in nested.items():
+        values[head] = dataclasses.replace(values.get(head) or _field_default(cls, head), **changes)
+    return cls(**values)
 
 
 def _group(sub, name: str, help: str):
@@ -31,10 +91,20 @@ def _group(sub, name: str, help: str):
     return group.add_subparsers(dest="action", required=True, metavar="ACTION")
 
 
-def _verb(sub, name: str, help: str, example: str, run) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}", formatter_class=_formatter)
-    p.set_defaults(run=run)
+def _verb(sub, name: str, help: str, example: str, run, config: str | None = None) -> argparse.ArgumentParser:
+    """A verb (or action) that calls `run(args)`; `config` ("module.Class") is the dataclass its flags fill."""
+    p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
+                       formatter_class=lambda prog: _formatter(prog, config))
+    p.set_defaults(_run=run, _parser=p)
     return p
+
+
+def _flag_of(parser: argparse.ArgumentParser, field: str) -> str | None:
+    """The flag whose dest is `field`, or ends in ".field" (a nested config's field)."""
+    for action in parser._actions:
+        if action.option_strings and (action.dest == field or action.dest.endswith("." + field)):
+            return action.option_strings[0]
+    return None
 
 
 # ---------------------------------------------------------------- data
@@ -44,19 +114,16 @@ def _data_prepare(a):
     from tweetlm.data.prepare import PrepareConfig, prepare
 
     toxic, threshold = _safety_spec(a.drop_toxic) if a.drop_toxic else (None, None)
-    prepare(PrepareConfig(
-        inputs=tuple(a.inputs), out=Path(a.out), workers=a.workers, lang=tuple(c.strip() for c in a.lang.split(",") if c.strip()),
-        min_chars=a.min_chars, max_chars=a.max_chars, keep_reposts=a.keep_reposts, drop_spam=not a.keep_spam,
-        drop_top_authors=a.drop_top_authors, near_dup_threshold=a.near_dup, near_dup_mb=a.near_dup_mb, val_ratio=a.val_ratio,
-        test_ratio=a.test_ratio, mentions=not a.keep_mentions, links=not a.keep_links, seed=a.seed,
-        drop_toxic=toxic, toxic_threshold=threshold,
-    ))
+    lang = None if a.lang is None else tuple(c.strip() for c in a.lang.split(",") if c.strip())
+    prepare(_config(PrepareConfig, a, inputs=tuple(a.inputs), lang=lang, keep_reposts=a.keep_reposts,
+                    drop_spam=not a.keep_spam, mentions=not a.keep_mentions, links=not a.keep_links,
+                    drop_toxic=toxic, toxic_threshold=threshold))
 
 
 def _data_tokenize(a):
     from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 
-    tokenize(TokenizeConfig(corpus=Path(a.corpus), tokenizer=Path(a.tokenizer), out=Path(a.out), workers=a.workers))
+    tokenize(_config(TokenizeConfig, a))
 
 
 def _data_fetch(a):
@@ -68,16 +135,14 @@ def _data_fetch(a):
 def _data_threads(a):
     from tweetlm.data.threads import ThreadsConfig, threads
 
-    threads(ThreadsConfig(corpus=Path(a.corpus), out=Path(a.out), split=a.split))
+    threads(_config(ThreadsConfig, a))
 
 
 def _data_tasks(a):
-    from tweetlm.data.tasks import CORPUS_TASKS, TASKS, TasksConfig, tasks
+    from tweetlm.data.tasks import TasksConfig, tasks
 
-    # default: every task the inputs allow (tone needs TweetEval)
-    names = a.tasks.split(",") if a.tasks else TASKS if a.tweeteval else CORPUS_TASKS
-    tasks(TasksConfig(corpus=Path(a.corpus), out=Path(a.out), tweeteval=Path(a.tweeteval) if a.tweeteval else None,
-                      split=a.split, tasks=tuple(t.strip() for t in names if t.strip()), seed=a.seed))
+    names = None if a.tasks is None else tuple(t.strip() for t in a.tasks.split(",") if t.strip())
+    tasks(_config(TasksConfig, a, tasks=names))
 
 
 def _add_data(sub):
@@ -85,36 +150,37 @@ def _add_data(sub):
 
     p = _verb(dsub, "prepare", "read raw posts (any supported format), clean, filter, dedup and split them into a Parquet corpus",
               "tweetlm data prepare ../shared/data/twitter-api-v2 'dumps/*.jsonl.zst' --out work/corpus --workers 2",
-              _data_prepare)
+              _data_prepare, "tweetlm.data.prepare.PrepareConfig")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (plain, .gz, .zst, .bz2)")
-    p.add_argument("--out", required=True, metavar="CORPUS", help="output folder for Parquet shards and report.json")
-    p.add_argument("--workers", type=int, default=1, help="processes, work split by file (default 1)")
-    p.add_argument("--lang", default="", metavar="CODES", help="keep only these languages (py3langid), e.g. en,fr; default keeps all")
-    p.add_argument("--min-chars", type=int, default=10, help="drop posts shorter than this after normalization (default 10)")
-    p.add_argument("--max-chars", type=int, default=4000, help="drop posts longer than this after normalization (default 4000)")
+    p.add_argument("--out", type=Path, required=True, metavar="CORPUS", help="output folder for Parquet shards and report.json")
+    p.add_argument("--workers", type=int, help="processes, work split by file")
+    p.add_argument("--lang", metavar="CODES", help="keep only these languages (py3langid), e.g. en,fr; default keeps all")
+    p.add_argument("--min-chars", type=int, help="drop posts shorter than this after normalization")
+    p.add_argument("--max-chars", type=int, help="drop posts longer than this after normalization")
     p.add_argument("--keep-reposts", action="store_true", help="keep reposts (retweets); dropped by default")
     p.add_argument("--keep-spam", action="store_true", help="keep posts that are mostly hashtags, mentions or links")
-    p.add_argument("--drop-top-authors", type=float, default=0.0, metavar="FRACTION",
-                   help="drop the most prolific FRACTION of authors as likely bots, e.g. 0.01 as TimeLMs (default 0: off)")
-    p.add_argument("--near-dup", type=float, default=0.8, metavar="JACCARD",
-                   help="drop near duplicates at this MinHash Jaccard similarity; 0 turns it off (default 0.8)")
-    p.add_argument("--near-dup-mb", type=int, default=128, metavar="MB",
+    p.add_argument("--drop-top-authors", type=float, metavar="FRACTION",
+                   help="drop the most prolific FRACTION of authors as likely bots, e.g. 0.01 as TimeLMs; 0 is off")
+    p.add_argument("--near-dup", dest="near_dup_threshold", type=float, metavar="JACCARD",
+                   help="drop near duplicates at this MinHash Jaccard similarity; 0 turns it off")
+    p.add_argument("--near-dup-mb", type=int, metavar="MB",
                    help="fixed memory of the near-duplicate index; copies further apart than about "
-                        "15,000 posts per MB start to be missed (default 128: 1.9M posts)")
-    p.add_argument("--val-ratio", type=float, default=0.05, help="share of conversations in val (default 0.05)")
-    p.add_argument("--test-ratio", type=float, default=0.05, help="share of conversations in test (default 0.05)")
+                        "15,000 posts per MB start to be missed (128: 1.9M posts)")
+    p.add_argument("--val-ratio", type=float, help="share of conversations in val")
+    p.add_argument("--test-ratio", type=float, help="share of conversations in test")
     p.add_argument("--keep-mentions", action="store_true", help="keep @handles (default: replace with @user)")
     p.add_argument("--keep-links", action="store_true", help="keep URLs (default: replace with http)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split hash and MinHash (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the split hash and MinHash")
     p.add_argument("--drop-toxic", metavar="SAFETY[:THRESHOLD]", help="drop posts that a `tweetlm safety train` "
                    "classifier scores toxic, at its own threshold or THRESHOLD (in (0, 1])")
 
     p = _verb(dsub, "tokenize", "turn a corpus into memory-mappable token shards per split",
-              "tweetlm data tokenize work/corpus --tokenizer work/tokenizer --out work/tokens --workers 2", _data_tokenize)
-    p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
-    p.add_argument("--tokenizer", required=True, metavar="TOKENIZER", help="a folder written by `tweetlm tokenizer train`")
-    p.add_argument("--out", required=True, metavar="TOKENS", help="output folder for the token shards and index.json")
-    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+              "tweetlm data tokenize work/corpus --tokenizer work/tokenizer --out work/tokens --workers 2", _data_tokenize,
+              "tweetlm.tokenizer.shards.TokenizeConfig")
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
+    p.add_argument("--tokenizer", type=Path, required=True, metavar="TOKENIZER", help="a folder written by `tweetlm tokenizer train`")
+    p.add_argument("--out", type=Path, required=True, metavar="TOKENS", help="output folder for the token shards and index.json")
+    p.add_argument("--workers", type=int, help="processes")
 
     p = _verb(dsub, "fetch", "get the public TweetEval text files (from GitHub, or a local copy with --from)",
               "tweetlm data fetch --from ../shared/data/tweeteval --out work/tweeteval", _data_fetch)
@@ -122,21 +188,23 @@ def _add_data(sub):
     p.add_argument("--from", dest="from_dir", metavar="DIR", help="copy from this local TweetEval folder instead of downloading")
 
     p = _verb(dsub, "threads", "rebuild reply threads and write each root-to-leaf path as a chat conversation (OpenAI messages, JSONL)",
-              "tweetlm data threads work/corpus --out work/conversations.jsonl --split train", _data_threads)
-    p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
-    p.add_argument("--out", required=True, metavar="CONVERSATIONS.jsonl", help="output file, one conversation a line")
-    p.add_argument("--split", default="train", choices=("train", "val", "test", "all"), help="which split's threads (default train)")
+              "tweetlm data threads work/corpus --out work/conversations.jsonl --split train", _data_threads,
+              "tweetlm.data.threads.ThreadsConfig")
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
+    p.add_argument("--out", type=Path, required=True, metavar="CONVERSATIONS.jsonl", help="output file, one conversation a line")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), help="which split's threads")
 
     p = _verb(dsub, "tasks", "make the assistant's task conversations from the corpus (compose, reply, summarize) and "
               "TweetEval (tone), in the JSONL of `data threads` plus a task field",
-              "tweetlm data tasks work/corpus --out work/tasks.jsonl --tweeteval ../shared/data/tweeteval", _data_tasks)
-    p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
-    p.add_argument("--out", required=True, metavar="TASKS.jsonl", help="output file, one conversation a line")
-    p.add_argument("--tweeteval", metavar="DIR", help="TweetEval's datasets/ folder, for the tone task")
-    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="corpus and TweetEval split (default train)")
+              "tweetlm data tasks work/corpus --out work/tasks.jsonl --tweeteval ../shared/data/tweeteval", _data_tasks,
+              "tweetlm.data.tasks.TasksConfig")
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
+    p.add_argument("--out", type=Path, required=True, metavar="TASKS.jsonl", help="output file, one conversation a line")
+    p.add_argument("--tweeteval", type=Path, metavar="DIR", help="TweetEval's datasets/ folder, for the tone task")
+    p.add_argument("--split", choices=("train", "val", "test"), help="corpus and TweetEval split")
     p.add_argument("--tasks", metavar="TASKS", help="comma-separated among compose,reply,summarize,tone "
                    "(default: all four with --tweeteval, else the first three)")
-    p.add_argument("--seed", type=int, default=0, help="seed of each compose prompt's kind and topic length (default 0)")
+    p.add_argument("--seed", type=int, help="seed of each compose prompt's kind and topic length")
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -145,16 +213,17 @@ def _add_data(sub):
 def _tokenizer_train(a):
     from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
-    train_tokenizer(TokenizerConfig(corpus=Path(a.corpus), out=Path(a.out), vocab_size=a.vocab_size))
+    train_tokenizer(_config(TokenizerConfig, a))
 
 
 def _add_tokenizer(sub):
     tsub = _group(sub, "tokenizer", "train a byte-level BPE tokenizer")
     p = _verb(tsub, "train", "train byte-level BPE on the corpus's train split; prints bytes per token on val",
-              "tweetlm tokenizer train work/corpus --vocab-size 8192 --out work/tokenizer", _tokenizer_train)
-    p.add_argument("corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
-    p.add_argument("--vocab-size", type=int, default=16384, help="vocabulary size, special tokens included (default 16384)")
-    p.add_argument("--out", required=True, metavar="TOKENIZER", help="output folder for tokenizer.json")
+              "tweetlm tokenizer train work/corpus --vocab-size 8192 --out work/tokenizer", _tokenizer_train,
+              "tweetlm.tokenizer.trainer.TokenizerConfig")
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size, special tokens included")
+    p.add_argument("--out", type=Path, required=True, metavar="TOKENIZER", help="output folder for tokenizer.json")
 
 
 # ---------------------------------------------------------------- train
@@ -178,7 +247,7 @@ def _add_train(sub):
               "  tweetlm train --tokens work/smol-tokens --out runs/smol-posts --init-from runs/smol --steps 1000\n"
               "  torchrun --standalone --nproc-per-node 8 -m tweetlm train --tokens work/tokens "
               "--out runs/1b --preset 1b --steps 20000 --parallel fsdp --set optim.name=adamw --set optim.lr=0.003",
-              _train)
+              _train, "tweetlm.train.config.TrainConfig")
     p.add_argument("--tokens", metavar="TOKENS", help="token shards from `tweetlm data tokenize`")
     p.add_argument("--tokenizer", metavar="TOKENIZER", help="the tokenizer the shards were made with "
                    "(default: the one `data tokenize` saved beside them)")
@@ -191,7 +260,7 @@ def _add_train(sub):
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time; "
                    "the LR schedule then follows time (with --steps too: whichever ends first)")
-    p.add_argument("--seed", type=int, help="seed of weights, data order and samples (default 0)")
+    p.add_argument("--seed", type=int, help="seed of weights, data order and samples")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when there is one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: replicate the model (ddp, the default) "
@@ -206,8 +275,7 @@ def _sft(a):
     from tweetlm.train.sft import SftConfig, Source, sft
 
     overrides = {"steps": a.steps, "time_budget": a.time_budget, "seed": a.seed, **parse_set(a.set)}
-    sft(SftConfig(base=Path(a.base), data=tuple(Source.parse(d) for d in a.data), out=Path(a.out),
-                  val=Path(a.val) if a.val else None, val_ratio=a.val_ratio, overrides=overrides), resume=a.resume)
+    sft(_config(SftConfig, a, data=tuple(Source.parse(d) for d in a.data), overrides=overrides), resume=a.resume)
 
 
 def _add_sft(sub):
@@ -216,18 +284,18 @@ def _add_sft(sub):
               "tweetlm data threads work/demo/corpus --out work/threads.jsonl --split all\n"
               "  tweetlm sft work/demo/run --data work/threads.jsonl --out work/demo/chat --steps 200\n"
               "  tweetlm sft runs/small --data threads.jsonl --data tasks.jsonl:0.5 --out runs/small-chat --time-budget 10",
-              _sft)
-    p.add_argument("base", metavar="BASE", help="the run to fine-tune (its best checkpoint), or one checkpoint folder")
+              _sft, "tweetlm.train.sft.SftConfig")
+    p.add_argument("base", type=Path, metavar="BASE", help="the run to fine-tune (its best checkpoint), or one checkpoint folder")
     p.add_argument("--data", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="conversations, JSONL of {\"messages\": [...]} as `data threads` writes (repeatable); files "
                    "are mixed in proportion to their weights (default 1)")
-    p.add_argument("--out", required=True, metavar="RUN", help="the new run folder")
-    p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default 300)")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN", help="the new run folder")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default 300, sft.DEFAULTS)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time "
                    "(with --steps too: whichever ends first)")
     p.add_argument("--val-ratio", type=float, metavar="R", help="share of each --data file held out to measure "
                    "bits-per-byte, by a hash of its conversation_id or thread_id (default 0.05)")
-    p.add_argument("--val", metavar="FILE", help="held-out conversations instead of --val-ratio")
+    p.add_argument("--val", type=Path, metavar="FILE", help="held-out conversations instead of --val-ratio")
     p.add_argument("--seed", type=int, help="seed of the data order and mix (default 0)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint, with its config.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -240,18 +308,14 @@ def _add_sft(sub):
 def _eval_tweeteval(a):
     from tweetlm.eval.tweeteval import TweetEvalConfig, tweeteval
 
-    out = a.out or (Path(a.run_dir) / f"tweeteval-{a.split}" if a.run_dir else Path(f"tweeteval-{a.split}"))
-    tweeteval(TweetEvalConfig(data=Path(a.data), out=Path(out), split=a.split, run=Path(a.run_dir) if a.run_dir else None,
-                              model=a.model, tasks=tuple(t.strip() for t in a.tasks.split(",") if t.strip()),
-                              max_train_examples=a.max_train_examples, seed=a.seed, epochs=a.epochs, lr=a.lr,
-                              batch_size=a.batch_size, device=a.device))
+    tasks = None if a.tasks is None else tuple(t.strip() for t in a.tasks.split(",") if t.strip())
+    tweeteval(_config(TweetEvalConfig, a, tasks=tasks))
 
 
 def _eval_bpb(a):
     from tweetlm.eval.bpb import BpbConfig, bpb
 
-    bpb(BpbConfig(run=Path(a.run_dir), text=Path(a.text) if a.text else None, corpus=Path(a.corpus) if a.corpus else None,
-                  split=a.split, window=a.window, batch_size=a.batch_size, device=a.device))
+    bpb(_config(BpbConfig, a))
 
 
 def _safety_spec(spec: str) -> tuple[Path, float | None]:
@@ -263,56 +327,56 @@ def _safety_spec(spec: str) -> tuple[Path, float | None]:
 def _safety_train(a):
     from tweetlm.eval.safety import SafetyConfig, train_safety
 
-    train_safety(SafetyConfig(data=Path(a.data), out=Path(a.out), max_train_examples=a.max_train_examples, seed=a.seed))
+    train_safety(_config(SafetyConfig, a))
 
 
 def _add_eval(sub):
     esub = _group(sub, "eval", "evaluate: TweetEval classification, bits per byte")
     p = _verb(esub, "tweeteval", "TweetEval's six tasks: fine-tune a run per task (beside the TF-IDF floor), "
               "predict a split in the benchmark's format, official metrics beside the published rows",
-              "tweetlm eval tweeteval work/demo/run --data ../shared/data/tweeteval --split val", _eval_tweeteval)
-    p.add_argument("run_dir", nargs="?", metavar="RUN", help="a run folder (or checkpoint) to fine-tune with a "
+              "tweetlm eval tweeteval work/demo/run --data ../shared/data/tweeteval --split val", _eval_tweeteval,
+              "tweetlm.eval.tweeteval.TweetEvalConfig")
+    p.add_argument("run", type=Path, nargs="?", metavar="RUN", help="a run folder (or checkpoint) to fine-tune with a "
                    "classification head per task; its row is named after the folder")
     p.add_argument("--model", choices=("tfidf",), help="a built-in model instead of RUN: tfidf, TF-IDF n-grams + "
                    "logistic regression (the floor baseline)")
-    p.add_argument("--data", required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
+    p.add_argument("--data", type=Path, required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
                    "(emoji/, emotion/, ... stance/TARGET/), e.g. ../shared/data/tweeteval")
-    p.add_argument("--split", default="val", choices=("val", "test"), help="the split to predict and score (default val)")
-    p.add_argument("--tasks", default="emoji,emotion,hate,irony,offensive,stance", metavar="TASKS",
-                   help="comma-separated (default: all six)")
-    p.add_argument("--out", metavar="DIR", help="predictions (DIR/MODEL/TASK.txt) and scores.json "
+    p.add_argument("--split", choices=("val", "test"), help="the split to predict and score")
+    p.add_argument("--tasks", metavar="TASKS", help="comma-separated")
+    p.add_argument("--out", type=Path, metavar="DIR", help="predictions (DIR/MODEL/TASK.txt) and scores.json "
                    "(default RUN/tweeteval-SPLIT, or ./tweeteval-SPLIT with --model)")
     p.add_argument("--max-train-examples", type=int, metavar="N", help="train on a seeded sample of N posts per task, "
                    "for quick runs")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
-    p.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs per task; val picks the best (default 6)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate, AdamW (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning posts per step (default 32)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where to fine-tune (default auto: cuda when there is one)")
+    p.add_argument("--seed", type=int, help="seed of sampling and training")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs per task; val picks the best")
+    p.add_argument("--lr", type=float, help="fine-tuning peak learning rate, AdamW")
+    p.add_argument("--batch-size", type=int, help="fine-tuning posts per step")
+    _add_device(p)
 
     p = _verb(esub, "bpb", "bits per UTF-8 byte of a run on a text file (one post per line) or a corpus split",
-              "tweetlm eval bpb work/demo/run --corpus work/demo/corpus --split val", _eval_bpb)
-    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
-    p.add_argument("--text", metavar="FILE", help="a UTF-8 text file, one post per line (taken as it is)")
-    p.add_argument("--corpus", metavar="CORPUS", help="a folder written by `tweetlm data prepare` (its clean_text)")
-    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="the corpus split (default val)")
+              "tweetlm eval bpb work/demo/run --corpus work/demo/corpus --split val", _eval_bpb, "tweetlm.eval.bpb.BpbConfig")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
+    p.add_argument("--text", type=Path, metavar="FILE", help="a UTF-8 text file, one post per line (taken as it is)")
+    p.add_argument("--corpus", type=Path, metavar="CORPUS", help="a folder written by `tweetlm data prepare` (its clean_text)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="the corpus split")
     p.add_argument("--window", type=int, metavar="TOKENS", help="tokens of context per window (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--batch-size", type=int, help="windows per forward")
+    _add_device(p)
 
 
 def _add_safety(sub):
     ssub = _group(sub, "safety", "the toxicity classifier behind --drop-toxic and --moderate")
     p = _verb(ssub, "train", "train a toxicity classifier (offensive or hateful vs neither) on TweetEval's offensive "
               "and hate train splits; prints val F1 beside a majority baseline",
-              "tweetlm safety train --data ../shared/data/tweeteval --out work/safety", _safety_train)
-    p.add_argument("--data", required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
+              "tweetlm safety train --data ../shared/data/tweeteval --out work/safety", _safety_train,
+              "tweetlm.eval.safety.SafetyConfig")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR", help="laid out as TweetEval's datasets/ folder "
                    "(offensive/ and hate/ are read), e.g. ../shared/data/tweeteval")
-    p.add_argument("--out", required=True, metavar="SAFETY", help="output folder (safety.json, weights.safetensors)")
+    p.add_argument("--out", type=Path, required=True, metavar="SAFETY", help="output folder (safety.json, weights.safetensors)")
     p.add_argument("--max-train-examples", type=int, metavar="N", help="a seeded sample of N posts of each set, "
                    "for quick runs")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and training (default 0)")
+    p.add_argument("--seed", type=int, help="seed of sampling and training")
 
 
 # ---------------------------------------------------------------- model and generation
@@ -330,13 +394,12 @@ def _model_presets(a):
 
 
 def _generate(a):
+    from tweetlm.device import resolve_device
     from tweetlm.infer.generate import GenerateConfig, generate
     from tweetlm.model.weights import load_model
 
-    cfg = GenerateConfig(run=Path(a.run_dir), prompt=a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
-                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop=tuple(a.stop), seed=a.seed,
-                         device=a.device)
-    model, tokenizer = load_model(cfg.run, device=cfg.device)
+    cfg = _config(GenerateConfig, a)
+    model, tokenizer = load_model(cfg.run, device=resolve_device(cfg.device))
     current = None
     for i, piece in generate(model, tokenizer, cfg):
         if i != current:  # samples stream one after another when several are asked for
@@ -350,28 +413,33 @@ def _add_model(sub):
     msub = _group(sub, "model", "model shapes: presets, parameter and FLOP counts")
     p = _verb(msub, "presets", "print each preset's shape, exact parameter count and training FLOPs per token",
               "tweetlm model presets --vocab-size 32768 --seq-len 2048", _model_presets)
-    p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (default 32768)")
-    p.add_argument("--seq-len", type=int, default=1024, help="sequence length, for the attention FLOPs (default 1024)")
+    p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length, for the attention FLOPs (default %(default)s)")
 
 
 def _add_sampling(p, *, seed_help: str) -> None:
-    """The sampling flags `generate` and `chat` share."""
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 is off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help=seed_help)
+    """The sampling flags of generate, chat and the tasks: fields of their config's `sampling` (a SamplingParams)."""
+    p.add_argument("--temperature", dest="sampling.temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-k", dest="sampling.top_k", type=int, help="sample among the k likeliest tokens; 0 is off")
+    p.add_argument("--top-p", dest="sampling.top_p", type=float, help="nucleus sampling mass; 1 is off")
+    p.add_argument("--seed", type=int, help=seed_help)
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", help="auto (cuda when there is one), cpu, cuda or cuda:N")
 
 
 def _add_generate(sub):
     p = _verb(sub, "generate", "write posts with a trained model, streaming tokens as they come",
-              "tweetlm generate work/demo/run --prompt 'Monday mornings are' --num-samples 3 --seed 1", _generate)
-    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train`")
-    p.add_argument("--prompt", default="", help="text the posts start with (default: none, a fresh post)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many posts (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many tokens per post (default 64)")
-    _add_sampling(p, seed_help="make sampling reproducible")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a post at this text (repeatable)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+              "tweetlm generate work/demo/run --prompt 'Monday mornings are' --num-samples 3 --seed 1", _generate,
+              "tweetlm.infer.generate.GenerateConfig")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tweetlm train`")
+    p.add_argument("--prompt", help="text the posts start with (default: none, a fresh post)")
+    p.add_argument("--num-samples", type=int, help="how many posts")
+    p.add_argument("--max-new-tokens", dest="sampling.max_tokens", type=int, help="at most this many tokens per post")
+    _add_sampling(p, seed_help="make sampling reproducible (sample i uses seed + i)")
+    p.add_argument("--stop", dest="sampling.stop", action="append", metavar="TEXT", help="stop a post at this text (repeatable)")
+    _add_device(p)
 
 
 def _task(a):
@@ -379,8 +447,7 @@ def _task(a):
 
     inputs = {"compose": lambda: {"topic": a.topic, "hashtags": tuple(a.hashtag)}, "reply": lambda: {"post": a.post},
               "summarize": lambda: {"thread": _thread_lines(a.thread)}}[a.verb]()
-    cfg = TaskConfig(run=Path(a.run_dir), num_samples=a.num_samples, max_tokens=a.max_tokens, temperature=a.temperature,
-                     top_k=a.top_k, top_p=a.top_p, seed=a.seed, device=a.device)
+    cfg = _config(TaskConfig, a)
     for i, post in enumerate(posts(cfg, a.verb, **inputs)):
         print(f"[{i + 1}] {post}" if cfg.num_samples > 1 else post)
 
@@ -402,8 +469,8 @@ def _add_tasks(sub):
              ("summarize", "sum up a thread (one post per line) in one post of at most 280 characters",
               "tweetlm summarize runs/small-chat --thread thread.txt   # or --thread - to read stdin"))
     for name, help, example in verbs:
-        p = _verb(sub, name, help, example, _task)
-        p.add_argument("run_dir", metavar="RUN", help="a run folder (a chat fine-tuned one, `tweetlm sft`, answers best)")
+        p = _verb(sub, name, help, example, _task, "tweetlm.infer.tasks.TaskConfig")
+        p.add_argument("run", type=Path, metavar="RUN", help="a run folder (a chat fine-tuned one, `tweetlm sft`, answers best)")
         if name == "compose":
             p.add_argument("--topic", default="", help="what the post is about (default: anything)")
             p.add_argument("--hashtag", action="append", default=[], metavar="TAG",
@@ -412,10 +479,10 @@ def _add_tasks(sub):
             p.add_argument("--post", required=True, help="the post to reply to")
         else:
             p.add_argument("--thread", required=True, metavar="FILE", help="the thread's posts, one per line; - reads stdin")
-        p.add_argument("--num-samples", type=int, default=1, help="how many posts, decoded together (default 1)")
-        p.add_argument("--max-tokens", type=int, default=256, help="at most this many tokens per post (default 256)")
+        p.add_argument("--num-samples", type=int, help="how many posts, decoded together")
+        p.add_argument("--max-tokens", dest="sampling.max_tokens", type=int, help="at most this many tokens per post")
         _add_sampling(p, seed_help="make sampling reproducible (sample i uses seed + i)")
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+        _add_device(p)
 
 
 # ---------------------------------------------------------------- Hugging Face export and import
@@ -458,28 +525,25 @@ def _plan(a):
 
     from tweetlm.plan.planner import PlanConfig, format_plan, parse_count, plan
 
-    result = plan(PlanConfig(
-        gpus=a.gpus, gpu=a.gpu, days=a.days, mfu=a.mfu, params=parse_count(a.params) if a.params else None,
-        tokens_per_param=a.tokens_per_param, seq_len=a.seq_len, vocab_size=a.vocab_size, optimizer=a.optimizer,
-        tokens_dir=Path(a.tokens) if a.tokens else None,
-    ))
+    result = plan(_config(PlanConfig, a, params=parse_count(a.params) if a.params else None))
     print(json.dumps(result.to_dict(), indent=1) if a.json else format_plan(result))
 
 
 def _add_plan(sub):
     p = _verb(sub, "plan", "plan a training run for N GPUs over D days: model size, tokens, memory per GPU, layout, time, posts",
-              "tweetlm plan --gpus 10000 --gpu h100 --days 30 --tokens work/demo/tokens", _plan)
+              "tweetlm plan --gpus 10000 --gpu h100 --days 30 --tokens work/demo/tokens", _plan, "tweetlm.plan.planner.PlanConfig")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu", default="h100", help="a100, h100, h200 or b200 (default h100)")
+    p.add_argument("--gpu", help="a100, h100, h200 or b200")
     p.add_argument("--days", type=float, required=True, help="wall-clock days of training")
-    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilization (default 0.40; Llama 3 405B: 0.38-0.43)")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilization (Llama 3 405B: 0.38-0.43)")
     p.add_argument("--params", metavar="N", help="plan for this size, e.g. 70B, instead of the compute-optimal one")
-    p.add_argument("--tokens-per-param", type=float, default=20.0, metavar="R",
-                   help="compute-optimal tokens per parameter (default 20, Chinchilla; nanochat measured ~10.5)")
-    p.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
+    p.add_argument("--tokens-per-param", type=float, metavar="R",
+                   help="compute-optimal tokens per parameter (20: Chinchilla; nanochat measured ~10.5)")
+    p.add_argument("--seq-len", type=int, help="training sequence length")
     p.add_argument("--vocab-size", type=int, help="vocabulary size (default: the --tokens folder's, else 32768)")
-    p.add_argument("--optimizer", choices=("muon", "adamw"), default="muon", help="sets the optimizer state's size (default muon)")
-    p.add_argument("--tokens", metavar="TOKENS", help="a `tweetlm data tokenize` folder: measure tokens per post on it")
+    p.add_argument("--optimizer", choices=("muon", "adamw"), help="sets the optimizer state's size")
+    p.add_argument("--tokens", dest="tokens_dir", type=Path, metavar="TOKENS",
+                   help="a `tweetlm data tokenize` folder: measure tokens per post on it")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -487,8 +551,6 @@ def _add_plan(sub):
 
 
 def _serve(a):
-    from tweetlm.serve.app import ServeLimits
-    from tweetlm.serve.grounding import GroundingConfig
     from tweetlm.serve.server import ServeConfig, serve
 
     key = a.api_key
@@ -497,58 +559,56 @@ def _serve(a):
             key = Path(a.api_key_file).read_text().strip()
         except OSError as e:
             raise UserError(f"cannot read --api-key-file {a.api_key_file}: {e.strerror}") from None
-    limits = ServeLimits(max_body_bytes=a.max_body_kb * 1024, max_concurrent=a.max_concurrent,
-                         request_timeout=a.request_timeout)
     moderate, threshold = _safety_spec(a.moderate) if a.moderate else (None, None)
-    serve(ServeConfig(run=Path(a.run_dir), host=a.host, port=a.port, model_name=a.model_name, api_key=key,
-                      device=a.device, max_batch_size=a.max_batch_size, limits=limits, moderate=moderate,
-                      moderate_threshold=threshold, index=Path(a.index) if a.index else None,
-                      grounding=GroundingConfig(default=a.ground, k=a.ground_k, tokens=a.ground_tokens)))
+    limits = None if a.max_body_kb is None else dataclasses.replace(
+        _default("tweetlm.serve.server.ServeConfig", "limits"), max_body_bytes=a.max_body_kb * 1024)
+    serve(_config(ServeConfig, a, api_key=key, moderate=moderate, moderate_threshold=threshold, limits=limits))
 
 
 def _add_serve(sub):
     p = _verb(sub, "serve", "serve a model: OpenAI-compatible API at /v1 and a web chat page at /",
-              "tweetlm serve work/demo/run --port 8000   # then open http://127.0.0.1:8000/", _serve)
-    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+              "tweetlm serve work/demo/run --port 8000   # then open http://127.0.0.1:8000/", _serve,
+              "tweetlm.serve.server.ServeConfig")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
+    p.add_argument("--host", help="address to listen on; 0.0.0.0 opens it to the network")
+    p.add_argument("--port", type=int, help="port; 0 picks a free one")
     p.add_argument("--model-name", help="the model's name in the API (default: the run folder's name)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /metrics (visible in `ps`: "
                                      "prefer --api-key-file)")
     p.add_argument("--api-key-file", metavar="FILE", help="read the API key from this file")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default 32)")
-    p.add_argument("--max-concurrent", type=int, default=64, help="generation requests at once; more get 429 (default 64)")
-    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body; more gets 413 (default 1024)")
+    _add_device(p)
+    p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
+    p.add_argument("--max-concurrent", dest="limits.max_concurrent", type=int, help="generation requests at once; more get 429")
+    p.add_argument("--max-body-kb", type=int, help="largest request body in KiB; more gets 413 (default: ServeLimits, 1 MiB)")
     p.add_argument("--moderate", metavar="SAFETY[:THRESHOLD]", help="a `tweetlm safety train` classifier: serve "
                    "/v1/moderations, refuse requests and replies it scores toxic (at its threshold, or THRESHOLD)")
-    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="longest a request may run, queue included; then 408, or an error event in a stream (default 300)")
-    p.add_argument("--index", metavar="INDEX", help="a posts index (`tweetlm index add`; made if missing): serve "
+    p.add_argument("--request-timeout", dest="limits.request_timeout", type=float, metavar="SECONDS",
+                   help="longest a request may run, queue included; then 408, or an error event in a stream")
+    p.add_argument("--index", type=Path, metavar="INDEX", help="a posts index (`tweetlm index add`; made if missing): serve "
                    "POST /v1/posts and GET /v1/search, and ground chat answers that ask (\"grounding\": true)")
-    p.add_argument("--ground", action="store_true", help="ground every chat answer on --index unless the request "
+    p.add_argument("--ground", dest="grounding.default", action="store_true", default=None, help="ground every chat answer on --index unless the request "
                    "says \"grounding\": false; answers cite posts as [post:ID], unknown ids are stripped")
-    p.add_argument("--ground-k", type=int, default=5, metavar="K",
-                   help="posts a grounded question retrieves (default 5; a request's grounding_k overrides it)")
-    p.add_argument("--ground-tokens", type=int, default=1024, metavar="N",
-                   help="most prompt tokens the retrieved posts may take; the lowest-ranked are dropped (default 1024)")
+    p.add_argument("--ground-k", dest="grounding.k", type=int, metavar="K",
+                   help="posts a grounded question retrieves (a request's grounding_k overrides it)")
+    p.add_argument("--ground-tokens", dest="grounding.tokens", type=int, metavar="N",
+                   help="most prompt tokens the retrieved posts may take; the lowest-ranked are dropped")
 
 
 def _chat(a):
     from tweetlm.serve.chat import ChatConfig, chat
 
-    chat(ChatConfig(run=Path(a.run_dir), system=a.system, max_tokens=a.max_tokens, temperature=a.temperature,
-                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, device=a.device))
+    chat(_config(ChatConfig, a))
 
 
 def _add_chat(sub):
     p = _verb(sub, "chat", "chat with a model in the terminal (the server's chat template); /new starts over, /quit ends",
-              "tweetlm chat work/demo/run --system 'You answer in one short post.' --seed 1", _chat)
-    p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (a chat fine-tuned one answers best)")
-    p.add_argument("--system", default="", help="a system message that opens the conversation")
-    p.add_argument("--max-tokens", type=int, default=256, help="at most this many tokens per reply (default 256)")
-    _add_sampling(p, seed_help="make a session reproducible")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+              "tweetlm chat work/demo/run --system 'You answer in one short post.' --seed 1", _chat,
+              "tweetlm.serve.chat.ChatConfig")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tweetlm train` (a chat fine-tuned one answers best)")
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--max-tokens", dest="sampling.max_tokens", type=int, help="at most this many tokens per reply")
+    _add_sampling(p, seed_help="make a session reproducible (reply i uses seed + i)")
+    _add_device(p)
 
 
 # ---------------------------------------------------------------- posts index and search
@@ -597,15 +657,15 @@ def _add_search(sub):
 def _demo(a):
     from tweetlm.demo import DemoConfig, demo
 
-    demo(DemoConfig(data=tuple(a.data), shared=SHARED_DATA, out=Path(a.out), minutes=a.minutes))
+    demo(_config(DemoConfig, a, data=tuple(a.data), shared=SHARED_DATA))
 
 
 def _add_demo(sub):
     p = _verb(sub, "demo", "the whole pipeline on the bundled tweets: prepare, tokenizer, tokenize, ~5 minutes of training, posts",
-              "tweetlm demo --minutes 5 --out work/demo", _demo)
+              "tweetlm demo --minutes 5 --out work/demo", _demo, "tweetlm.demo.DemoConfig")
     p.add_argument("--data", nargs="+", default=[], metavar="INPUT", help="your own posts instead of the bundled tweets")
-    p.add_argument("--out", default="work/demo", help="working folder (default work/demo)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--out", type=Path, help="working folder")
+    p.add_argument("--minutes", type=float, help="training time budget")
 
 
 # ---------------------------------------------------------------- parser
@@ -640,9 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
+        args._run(args)
+    except ConfigError as e:
+        flag = _flag_of(args._parser, e.field) if hasattr(args, "_parser") else None
+        print(f"tweetlm: error: {f'{flag} {e.value!r}: {e.fix}' if flag else e}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"tweetlm: error: {e}", file=sys.stderr)
         return 2

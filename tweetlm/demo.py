@@ -3,6 +3,7 @@
 prepare -> tokenizer train -> tokenize -> train (small preset, time budget) -> val bits-per-byte -> posts.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def demo(cfg: DemoConfig) -> dict:
     print("== 5/5 generate")
     model, tokenizer = load_model(run)
     for prompt in ("", "I love", "Monday mornings", "@user the game last night"):
-        text = "".join(piece for _, piece in generate(model, tokenizer, GenerateConfig(run=run, prompt=prompt, seed=0, max_new_tokens=40)))
+        text = "".join(piece for _, piece in generate(model, tokenizer, GenerateConfig(
+            run=run, prompt=prompt, seed=0, sampling=dataclasses.replace(GenerateConfig.sampling, max_tokens=40))))
         print(f"  > {prompt}{text}")
     print(f"\nval bits-per-byte: {final.get('val_bpb', float('nan')):.3f}   (run folder: {run})")
     print("go further:\n"

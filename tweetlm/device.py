@@ -8,15 +8,18 @@ import contextlib
 
 import torch
 
-from tweetlm.errors import UserError
+from tweetlm.errors import ConfigError, UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str, *, index: int | None = None) -> torch.device:
-    """"auto" -> cuda when there is one, else cpu; `index` picks the GPU (train/dist.py: a rank's local rank)."""
-    if name not in DEVICES:
-        raise UserError(f"device {name!r}: choose one of {', '.join(DEVICES)}")
+    """"auto" -> cuda when there is one, else cpu; "cuda:N" or `index` pick a GPU (train/dist.py gives a rank's
+    local rank)."""
+    name, _, number = name.partition(":")
+    if name not in DEVICES or (number and not (name == "cuda" and number.isdigit())):
+        raise ConfigError("device", name + (":" + number if number else ""), f"choose one of {', '.join(DEVICES)} or cuda:N")
+    index = int(number) if number else index
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

@@ -45,7 +45,7 @@ from tweetlm.data.dedup import BandIndex, ExactSet, MinHashBands, text_hash
 from tweetlm.data.post import POST_FIELDS, Post
 from tweetlm.data.readers import Dropped, post_files, read
 from tweetlm.data.split import assign_split, split_key
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 
 # Drop reasons, in the order the pipeline applies them (the first that fires names the drop).
 REASONS = ("malformed", "edited_superseded", "withheld", "repost", "empty", "too_short", "too_long", "spam",
@@ -79,22 +79,16 @@ class PrepareConfig:
 
     def __post_init__(self):
         ratios = (self.val_ratio, self.test_ratio)
-        checks = [
-            (not self.inputs, "inputs", self.inputs, "give at least one file, folder or glob"),
-            (self.workers < 1, "workers", self.workers, "must be at least 1"),
-            (self.min_chars < 0, "min_chars", self.min_chars, "must be at least 0"),
-            (self.max_chars < max(1, self.min_chars), "max_chars", self.max_chars, "must be at least 1 and at least min_chars"),
-            (not 0 <= self.drop_top_authors < 1, "drop_top_authors", self.drop_top_authors, "must be a fraction in [0, 1)"),
-            (not 0 <= self.near_dup_threshold < 1, "near_dup_threshold", self.near_dup_threshold,
-             "must be in [0, 1); 0 turns it off"),
-            (self.near_dup_mb < 1, "near_dup_mb", self.near_dup_mb, "must be at least 1"),
-            (min(ratios) < 0 or sum(ratios) >= 1, "val_ratio, test_ratio", ratios, "must be >= 0 and sum to less than 1"),
-            (self.toxic_threshold is not None and (self.drop_toxic is None or not 0 < self.toxic_threshold <= 1),
-             "toxic_threshold", self.toxic_threshold, "must be in (0, 1], with drop_toxic"),
-        ]
-        for failed, field, value, fix in checks:
-            if failed:
-                raise UserError(f"{field} {fix} (got {value!r})")
+        check(bool(self.inputs), "inputs", self.inputs, "give at least one file, folder or glob")
+        check(self.workers >= 1, "workers", self.workers, "must be at least 1")
+        check(self.min_chars >= 0, "min_chars", self.min_chars, "must be at least 0")
+        check(self.max_chars >= max(1, self.min_chars), "max_chars", self.max_chars, "must be at least 1 and at least min_chars")
+        check(0 <= self.drop_top_authors < 1, "drop_top_authors", self.drop_top_authors, "must be a fraction in [0, 1)")
+        check(0 <= self.near_dup_threshold < 1, "near_dup_threshold", self.near_dup_threshold, "must be in [0, 1); 0 turns it off")
+        check(self.near_dup_mb >= 1, "near_dup_mb", self.near_dup_mb, "must be at least 1")
+        check(min(ratios) >= 0 and sum(ratios) < 1, "val_ratio", ratios, "val_ratio and test_ratio must be >= 0 and sum to less than 1")
+        check(self.toxic_threshold is None or (self.drop_toxic is not None and 0 < self.toxic_threshold <= 1),
+              "toxic_threshold", self.toxic_threshold, "must be in (0, 1], with drop_toxic")
 
 
 def prepare(cfg: PrepareConfig) -> dict:

@@ -9,7 +9,7 @@ Every record read is either a `Post` or a `Dropped` with a reason, so nothing is
 silently: a bad JSON line, invalid UTF-8, a truncated compressed file or an empty file is a
 `Dropped("malformed", "path:line", why)` and reading goes on. Blank lines are not records.
 
-Formats (DESIGN.md, "The canonical post"):
+Formats (each mapped onto the fields of `Post`, data/post.py):
 - API v2 pages (`data` + `includes`, one page per line as twarc writes them; in streaming
   output `data` is one object). Posts in `includes.tweets` (quoted, replied-to and reposted
   originals) are posts too and are yielded once per page. Long posts take their full text from

@@ -66,10 +66,12 @@ class TasksConfig:
     out: Path  # the TASKS.jsonl file
     tweeteval: Path | None = None  # TweetEval's datasets/ folder, for tone
     split: str = "train"
-    tasks: tuple[str, ...] = CORPUS_TASKS
+    tasks: tuple[str, ...] | None = None  # None: every task the inputs allow (tone needs tweeteval)
     seed: int = 0
 
     def __post_init__(self):
+        if self.tasks is None:
+            object.__setattr__(self, "tasks", TASKS if self.tweeteval is not None else CORPUS_TASKS)
         unknown = sorted(set(self.tasks) - set(TASKS))
         if not self.tasks or unknown:
             raise UserError(f"--tasks: unknown {','.join(unknown) or '(none given)'}; choose among {','.join(TASKS)}")

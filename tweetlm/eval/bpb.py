@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from tweetlm.data.corpus import SPLITS, iter_texts
+from tweetlm.device import resolve_device
 from tweetlm.errors import UserError
 from tweetlm.model.llama import IGNORE_INDEX
 from tweetlm.model.scoring import evaluate
@@ -40,7 +41,7 @@ class BpbConfig:
     split: str = "val"
     window: int | None = None  # tokens of context per window (default: the model's)
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self):
         if (self.text is None) == (self.corpus is None):
@@ -53,7 +54,7 @@ class BpbConfig:
 
 def bpb(cfg: BpbConfig) -> dict:
     """{"bpb", "loss" (nats per token), "tokens" (targets), "bytes", "posts", "window"}; also printed."""
-    model, tokenizer = load_model(cfg.run, device=cfg.device)
+    model, tokenizer = load_model(cfg.run, device=resolve_device(cfg.device))
     context = model.config.max_seq_len
     window = cfg.window or context
     if window > context:

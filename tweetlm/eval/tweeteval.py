@@ -85,7 +85,7 @@ Predictor = Callable[..., np.ndarray]  # predict(dataset, *, seed: int, progress
 @dataclass(frozen=True, kw_only=True)
 class TweetEvalConfig:
     data: Path
-    out: Path
+    out: Path | None = None  # default: RUN/tweeteval-SPLIT, or ./tweeteval-SPLIT without a run
     split: str = "val"
     tasks: tuple[str, ...] = TASKS
     run: Path | None = None  # a language-model run to fine-tune per task (finetune.py), beside the floor baseline
@@ -99,6 +99,8 @@ class TweetEvalConfig:
     device: str = "auto"  # "auto": cuda when there is one
 
     def __post_init__(self):
+        if self.out is None:
+            object.__setattr__(self, "out", (Path(self.run) if self.run else Path()) / f"tweeteval-{self.split}")
         unknown = sorted(set(self.tasks) - set(TASKS))
         checks = [
             (self.split not in SPLITS, f"--split {self.split!r}: choose val or test"),

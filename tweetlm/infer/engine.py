@@ -10,7 +10,10 @@ forward over every running request's next tokens, sample, stream. Each request c
 the cache against the tokens it knows (prompt, then its own samples) and feeds the difference: a prompt in
 fixed chunks of PREFILL_CHUNK tokens (at most PREFILL_CHUNK prompt tokens per step, so a long prompt delays
 the others' next token by one chunk, not by the whole prompt), then one token per step. Requests join and
-leave the batch between steps, so a short request never waits for a long one to finish.
+leave the batch between steps, so a short request never waits for a long one to finish. The thread keeps its
+state of each request (tokens, cache slot, generator, penalty counts, text) in a _Sequence; the Request is the
+consumer's side, which the thread reaches only through Request._put and which reaches the thread only through
+the cancel callback it is built with.
 
 Batch invariance: a request's tokens, logprobs included, are the same bits alone or beside any others, for
 greedy and seeded sampling. Its chunks are cut at fixed offsets of its own prompt, attention runs per row
@@ -22,7 +25,7 @@ import asyncio
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,61 +66,30 @@ _END = object()  # ends a cancelled request's stream
 
 
 class Request:
-    """One sequence in the engine. Iterate it (blocking, or `async for`) to receive its Deltas in order; a
-    consumer that stops iterating early cancels it. Only one consumer should iterate a request."""
+    """The consumer's side of one request. Iterate it (blocking, or `async for`) to receive its Deltas in order;
+    a consumer that stops iterating early cancels it. Only one consumer should iterate a request."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: "Engine"):
+    def __init__(self, prompt_tokens: int, params: SamplingParams, cancel: Callable[[], None]):
         self.id = uuid.uuid4().hex
-        self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0  # counted as the engine queues this request's Deltas
         self.params = params
-        self._engine = engine
-        # engine thread's state
-        self._ids = list(prompt_ids)  # prompt + sampled tokens
-        self._cached = 0  # tokens whose keys and values are in the cache
-        self._slot: int | None = None
-        self._generator = None
-        if params.temperature > 0:
-            self._generator = torch.Generator(engine._device)
-            if params.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(params.seed)
-        self._counts = torch.zeros(engine._vocab_size, device=engine._device) if params.penalized else None
-        self._text = _TextStream(engine.tokenizer, params.stop) if engine.tokenizer is not None else None
-        self._end_ids = set(params.stop_token_ids) | ({engine.tokenizer.boundary_id} if engine.tokenizer is not None else set())
+        self._cancel = cancel  # the engine's: flags this request for its next step, or takes it off the queue
         # between the two threads
-        self._cancelled = False
         self._finished = False  # the last item is queued
         self._queue: deque = deque()
         self._ready = threading.Condition()
         self._wake = None  # set by an async consumer: wakes its event loop
 
-    def _append(self, token: int, logprob: TokenLogprob | None) -> Delta:
-        """Engine thread: take a sampled token, return its Delta (finish_reason set when this one ends it)."""
-        self._ids.append(token)
-        self.completion_tokens += 1
-        if self._counts is not None:
-            self._counts[token] += 1
-        finish, text = None, ""
-        if token in self._end_ids:
-            finish = "stop"
-            text = self._text.flush() if self._text else ""
-        else:
-            text = self._text.push(token) if self._text else ""
-            if self._text and self._text.stopped:
-                finish = "stop"
-            elif self.completion_tokens == self.params.max_tokens:
-                finish = "length"
-                text += self._text.flush() if self._text else ""
-        return Delta(text, [token], [logprob] if logprob else [], finish)
-
     def cancel(self) -> None:
         """The client went away: the engine frees this request's cache slot before its next step."""
-        self._engine._cancel(self)
+        self._cancel()
 
     def _put(self, item) -> None:
+        """The engine thread's one way in: queue a Delta, _END (cancelled) or the exception that stopped it."""
         with self._ready:
+            if isinstance(item, Delta):
+                self.completion_tokens += len(item.token_ids)
             self._queue.append(item)
             self._finished |= item is _END or isinstance(item, BaseException) or item.finish_reason is not None
             self._ready.notify()
@@ -179,6 +151,46 @@ class Request:
                 self.cancel()
 
 
+class _Sequence:
+    """The engine thread's side of one request: what its steps read and change (see the module docstring)."""
+
+    def __init__(self, request: Request, prompt_ids: list[int], tokenizer, device: torch.device, vocab_size: int):
+        params = request.params
+        self.request = request
+        self.ids = list(prompt_ids)  # prompt + sampled tokens
+        self.cached = 0  # tokens whose keys and values are in the cache
+        self.slot: int | None = None
+        self.cancelled = False  # set by request.cancel(), under the engine's lock
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device)
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+        self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None  # [V] sampled so far
+        self.text = _TextStream(tokenizer, params.stop) if tokenizer is not None else None
+        self.end_ids = set(params.stop_token_ids) | ({tokenizer.boundary_id} if tokenizer is not None else set())
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> Delta:
+        """Take a sampled token, return its Delta (finish_reason set when this one ends the request)."""
+        self.ids.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        finish, text = None, ""
+        if token in self.end_ids:
+            finish = "stop"
+            text = self.text.flush() if self.text else ""
+        else:
+            text = self.text.push(token) if self.text else ""
+            if self.text and self.text.stopped:
+                finish = "stop"
+            elif len(self.ids) - self.request.prompt_tokens == self.request.params.max_tokens:
+                finish = "length"
+                text += self.text.flush() if self.text else ""
+        return Delta(text, [token], [logprob] if logprob else [], finish)
+
+
 class Engine:
     """Continuous batching over `max_batch_size` cache slots of `max_seq_len` tokens (default: the model's
     context). `tokenizer` None streams token ids only (text "", no stop strings, no <|endoftext|> stop)."""
@@ -195,8 +207,8 @@ class Engine:
         self._device, self._vocab_size = model.embed.weight.device, cfg.vocab_size
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._cond = threading.Condition()  # guards everything below that both threads touch
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []  # changed by the engine thread only, under the lock
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # changed by the engine thread only, under the lock
         self._closing = False
         self._error: BaseException | None = None
         self._totals = {"requests_total": 0, "prompt_tokens_total": 0, "completion_tokens_total": 0}
@@ -222,13 +234,14 @@ class Engine:
             raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need text: this engine was built without a tokenizer")
-        request = Request(prompt_ids, params, self)
+        request = Request(n, params, cancel=lambda: self._cancel(seq))  # seq, the engine's side, is made next
+        seq = _Sequence(request, prompt_ids, self.tokenizer, self._device, self._vocab_size)
         with self._cond:
             if self._error is not None:
                 raise RuntimeError(f"the engine stopped: {self._error!r}") from self._error
             if self._closing:
                 raise UserError("the engine is shutting down: no new requests")
-            self._waiting.append(request)
+            self._waiting.append(seq)
             self._totals["requests_total"] += 1
             self._totals["prompt_tokens_total"] += n
             self._cond.notify()
@@ -253,14 +266,14 @@ class Engine:
 
     # ------------------------------------------------------------ engine thread
 
-    def _cancel(self, request: Request) -> None:
+    def _cancel(self, seq: _Sequence) -> None:
+        """Any thread, through request.cancel(): a queued request leaves at once, a running one before the next
+        step (flagging a finished one changes nothing: it is in neither)."""
         with self._cond:
-            if request._finished:
-                return
-            request._cancelled = True
-            if request in self._waiting:
-                self._waiting.remove(request)
-                request._put(_END)
+            seq.cancelled = True
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                seq.request._put(_END)
             self._cond.notify()
 
     def _run(self, model, slots: int, ready: threading.Event) -> None:
@@ -286,12 +299,12 @@ class Engine:
             while True:
                 with self._cond:
                     self._cond.wait_for(lambda: self._waiting or self._running or self._closing)
-                    for r in [r for r in self._running if r._cancelled]:
-                        self._release(r, _END)
+                    for s in [s for s in self._running if s.cancelled]:
+                        self._release(s, _END)
                     while self._waiting and self._free_slots:
-                        request = self._waiting.popleft()
-                        request._slot = self._free_slots.pop()
-                        self._running.append(request)
+                        seq = self._waiting.popleft()
+                        seq.slot = self._free_slots.pop()
+                        self._running.append(seq)
                     if not self._running:
                         if self._closing and not self._waiting:
                             return
@@ -300,67 +313,68 @@ class Engine:
         except BaseException as e:  # a bug: fail every request loudly rather than leave its consumer waiting
             with self._cond:
                 self._error = e
-                for r in [*self._waiting, *self._running]:
-                    r._put(e)
+                for s in [*self._waiting, *self._running]:
+                    s.request._put(e)
                 self._waiting.clear()
                 self._running.clear()
 
-    def _release(self, request: Request, last) -> None:
-        """Under the lock: free the request's slot and queue its last item."""
-        self._running.remove(request)
-        self._free_slots.append(request._slot)
-        request._put(last)
+    def _release(self, seq: _Sequence, last) -> None:
+        """Under the lock: free the sequence's slot and queue its request's last item."""
+        self._running.remove(seq)
+        self._free_slots.append(seq.slot)
+        seq.request._put(last)
 
     def _step(self) -> None:
         """One forward over every running request's next tokens, then sample and stream."""
         rows, prefill = [], 0
-        for r in self._running:
-            n = len(r._ids) - r._cached
-            if r._cached < r.prompt_tokens:  # prefill: the next fixed chunk of the prompt, within this step's budget
-                n = min(n, PREFILL_CHUNK - r._cached % PREFILL_CHUNK)
+        for s in self._running:
+            n = len(s.ids) - s.cached
+            if s.cached < s.request.prompt_tokens:  # prefill: the prompt's next fixed chunk, within this step's budget
+                n = min(n, PREFILL_CHUNK - s.cached % PREFILL_CHUNK)
                 if prefill and prefill + n > PREFILL_CHUNK:
                     continue
                 prefill += n
-            rows.append((r, n))
-        tokens = torch.tensor([t for r, n in rows for t in r._ids[r._cached:r._cached + n]], device=self._device)
-        batch = Batch(self._cache, [r._slot for r, _ in rows], [r._cached for r, _ in rows], [n for _, n in rows])
+            rows.append((s, n))
+        tokens = torch.tensor([t for s, n in rows for t in s.ids[s.cached:s.cached + n]], device=self._device)
+        batch = Batch(self._cache, [s.slot for s, _ in rows], [s.cached for s, _ in rows], [n for _, n in rows])
         logits = self._runner.forward(tokens, batch, self._cache)  # [R, V]
-        for r, n in rows:
-            r._cached += n
-        ready = [i for i, (r, _) in enumerate(rows) if r._cached == len(r._ids)]  # the rest are mid-prompt
+        for s, n in rows:
+            s.cached += n
+        ready = [i for i, (s, _) in enumerate(rows) if s.cached == len(s.ids)]  # the rest are mid-prompt
         if ready:
-            requests = [rows[i][0] for i in ready]
-            next_ids, logprobs = _choose(logits[ready] if len(ready) < len(rows) else logits, requests)
-            deltas = [r._append(token, lp) for r, token, lp in zip(requests, next_ids, logprobs)]
+            seqs = [rows[i][0] for i in ready]
+            next_ids, logprobs = _choose(logits[ready] if len(ready) < len(rows) else logits, seqs)
+            deltas = [s.append(token, lp) for s, token, lp in zip(seqs, next_ids, logprobs)]
             with self._cond:
                 self._totals["completion_tokens_total"] += len(deltas)
-                for r, delta in zip(requests, deltas):
+                for s, delta in zip(seqs, deltas):
                     if delta.finish_reason is None:
-                        r._put(delta)
+                        s.request._put(delta)
                     else:
-                        self._release(r, delta)
+                        self._release(s, delta)
 
 
-def _choose(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Next token of each request from its logits row [R, V], each with its own parameters and generator."""
-    for i, r in enumerate(requests):
-        if r._counts is not None:
-            logits[i] = penalize(logits[i], r._counts, presence=r.params.presence_penalty,
-                                 frequency=r.params.frequency_penalty)
+def _choose(logits: torch.Tensor, seqs: list[_Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Next token of each sequence from its logits row [R, V], each with its own parameters and generator."""
+    params = [s.request.params for s in seqs]
+    for i, s in enumerate(seqs):
+        if s.counts is not None:
+            logits[i] = penalize(logits[i], s.counts, presence=params[i].presence_penalty,
+                                 frequency=params[i].frequency_penalty)
     next_ids = logits.argmax(dim=-1).tolist()  # greedy rows
-    sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if sampled:
-        picks = sample(logits[sampled], [requests[i].params for i in sampled], [requests[i]._generator for i in sampled])
+        picks = sample(logits[sampled], [params[i] for i in sampled], [seqs[i].generator for i in sampled])
         for i, token in zip(sampled, picks.tolist()):
             next_ids[i] = token
-    logprobs: list[TokenLogprob | None] = [None] * len(requests)
-    asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    asked = [i for i, p in enumerate(params) if p.logprobs is not None]
     if asked:
         logp = logits[asked].log_softmax(dim=-1)  # [A, V]
         chosen = logp.gather(1, torch.tensor([[next_ids[i]] for i in asked], device=logp.device)).squeeze(1).tolist()
-        top_values, top_ids = logp.topk(max(requests[i].params.logprobs for i in asked), dim=-1)  # [A, k]
+        top_values, top_ids = logp.topk(max(params[i].logprobs for i in asked), dim=-1)  # [A, k]
         for j, i in enumerate(asked):
-            kj = requests[i].params.logprobs
+            kj = params[i].logprobs
             top = list(zip(top_ids[j, :kj].tolist(), top_values[j, :kj].tolist()))
             logprobs[i] = TokenLogprob(next_ids[i], chosen[j], top)
     return next_ids, logprobs

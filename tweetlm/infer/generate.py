@@ -1,13 +1,15 @@
 """Posts from a trained run, streamed as text: `tweetlm generate RUN --prompt TEXT`, on the engine."""
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tweetlm.errors import UserError
-from tweetlm.infer.engine import Engine, SamplingParams
+from tweetlm.errors import UserError, check
+from tweetlm.infer.engine import Engine
+from tweetlm.infer.sampling import VERB_SAMPLING, SamplingParams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -15,38 +17,25 @@ class GenerateConfig:
     run: Path
     prompt: str = ""
     num_samples: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    device: str = "cpu"
+    sampling: SamplingParams = dataclasses.replace(VERB_SAMPLING, max_tokens=64)
+    seed: int | None = None  # sample i uses seed + i
+    device: str = "auto"
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
-        if self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
-        if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k}: must be 0 (off) or more")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.num_samples < 1:
-            raise UserError(f"--num-samples {self.num_samples}: must be at least 1")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be at least 1")
 
 
 def generate(model, tokenizer, cfg: GenerateConfig) -> Iterator[tuple[int, str]]:
     """Streams (sample index, text piece), one sample after the other (the engine decodes them all at once).
     Each sample is a new post after `cfg.prompt`; with a seed, sample i uses seed + i."""
     prompt_ids = [tokenizer.boundary_id] + tokenizer.encode(cfg.prompt)
-    if len(prompt_ids) + cfg.max_new_tokens > model.config.max_seq_len:  # the engine's check, in the flags' words
-        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceed the "
+    max_tokens = cfg.sampling.max_tokens
+    if len(prompt_ids) + max_tokens > model.config.max_seq_len:  # the engine's check, in the flags' words
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({max_tokens}) exceed the "
                         f"model's context of {model.config.max_seq_len} tokens: shorten the prompt or ask for fewer tokens")
     with Engine(model, tokenizer, max_batch_size=cfg.num_samples) as engine:
-        requests = [engine.submit(prompt_ids, SamplingParams(
-            max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            stop=cfg.stop, seed=None if cfg.seed is None else cfg.seed + i)) for i in range(cfg.num_samples)]
+        requests = [engine.submit(prompt_ids, dataclasses.replace(cfg.sampling, seed=None if cfg.seed is None else cfg.seed + i))
+                    for i in range(cfg.num_samples)]
         try:
             for i, request in enumerate(requests):
                 for delta in request:

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tweetlm.errors import UserError
+from tweetlm.errors import check
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How one request samples and when it ends; each field is checked on construction (UserError)."""
+    """How one request samples and when it ends; each field is checked on construction (ConfigError, a UserError)."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 is greedy
@@ -33,26 +33,20 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))  # lists from JSON are welcome
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            _refuse("max_tokens", self.max_tokens, "an integer >= 1")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
-            _refuse("temperature", self.temperature, "a number >= 0 (0 is greedy)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            _refuse("top_p", self.top_p, "in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            _refuse("top_k", self.top_k, "an integer >= 0 (0 is off)")
-        if self.seed is not None and not _is_int(self.seed):
-            _refuse("seed", self.seed, "an integer or None")
+        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be an integer >= 1")
+        check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf, "temperature",
+              self.temperature, "must be a number >= 0 (0 is greedy)")
+        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "must be an integer >= 0 (0 is off)")
+        check(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer or None")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
-                _refuse(name, value, "in [-2, 2]")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            _refuse("stop", self.stop, "non-empty strings")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            _refuse("stop_token_ids", self.stop_token_ids, "token ids >= 0")
-        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            _refuse("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+            check(isinstance(value, (int, float)) and -2 <= value <= 2, name, value, "must be in [-2, 2]")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
+        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+              "must be token ids >= 0")
+        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
+              self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def penalized(self) -> bool:
@@ -63,8 +57,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _refuse(field: str, value, need: str):
-    raise UserError(f"{field} must be {need}, got {value!r}")
+# The verbs' sampling for posts (generate, chat, compose / reply / summarize): a little below temperature 1, the
+# unlikely tail cut off; each verb's config holds it with its own max_tokens.
+VERB_SAMPLING = SamplingParams(temperature=0.8, top_k=50, top_p=0.95)
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, *, presence: float, frequency: float) -> torch.Tensor:

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tweetlm.artifacts.prompts import LIMIT, check_hashtags, clip, compose_messages, reply_messages, summarize_messages
-from tweetlm.errors import UserError
-from tweetlm.infer.engine import Engine, SamplingParams
+from tweetlm.device import resolve_device
+from tweetlm.errors import UserError, check
+from tweetlm.infer.engine import Engine
+from tweetlm.infer.sampling import VERB_SAMPLING, SamplingParams
 from tweetlm.model.weights import load_model
 from tweetlm.tokenizer.bpe import SPECIAL_TOKENS
 from tweetlm.tokenizer.chat import render_chat
@@ -88,25 +90,22 @@ _TASKS = {"compose": (compose, compose_messages), "reply": (reply, reply_message
 class TaskConfig:
     run: Path
     num_samples: int = 1
-    max_tokens: int = 256  # a 280-character post is ~70 tokens of English; emoji and rare scripts take more
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
+    # max_tokens: a 280-character post is ~70 tokens of English; emoji and rare scripts take more
+    sampling: SamplingParams = dataclasses.replace(VERB_SAMPLING, max_tokens=256)
     seed: int | None = None  # sample i uses seed + i
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self):
-        if self.num_samples < 1:
-            raise UserError(f"--num-samples {self.num_samples}: must be at least 1")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be at least 1")
 
 
 def posts(cfg: TaskConfig, task: str, **inputs) -> list[str]:
     """`tweetlm compose / reply / summarize`: cfg.num_samples posts of `task` for `inputs` (the keyword arguments
     of that task's function), decoded together in one batch. Bad inputs fail before the model loads."""
     write, messages = _TASKS[task]
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    params = cfg.sampling
     messages(**inputs)
-    model, tokenizer = load_model(cfg.run, device=cfg.device)
+    model, tokenizer = load_model(cfg.run, device=resolve_device(cfg.device))
     with Engine(model, tokenizer, max_batch_size=cfg.num_samples) as engine, \
             ThreadPoolExecutor(cfg.num_samples) as pool:
         futures = [pool.submit(write, engine, tokenizer, **inputs, params=dataclasses.replace(

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.model.llama import ModelConfig
 from tweetlm.model.sizing import PRESETS, config_from_depth, flops_per_token, num_params, preset
 from tweetlm.plan.accelerators import Accelerator, accelerator
@@ -49,16 +49,16 @@ class PlanConfig:
     tokens_dir: Path | None = None  # a `tweetlm data tokenize` folder to measure tokens per post from
 
     def __post_init__(self):
-        _check(isinstance(self.gpus, int) and self.gpus >= 1, "--gpus", self.gpus, "must be a positive integer")
-        _check(math.isfinite(self.days) and self.days > 0, "--days", self.days, "must be a positive number of days")
-        _check(math.isfinite(self.mfu) and 0 < self.mfu <= 1, "--mfu", self.mfu, "must be in (0, 1], e.g. 0.40")
-        _check(self.params is None or (math.isfinite(self.params) and self.params >= 1e4), "--params", self.params,
+        check(isinstance(self.gpus, int) and self.gpus >= 1, "gpus", self.gpus, "must be a positive integer")
+        check(math.isfinite(self.days) and self.days > 0, "days", self.days, "must be a positive number of days")
+        check(math.isfinite(self.mfu) and 0 < self.mfu <= 1, "mfu", self.mfu, "must be in (0, 1], e.g. 0.40")
+        check(self.params is None or (math.isfinite(self.params) and self.params >= 1e4), "params", self.params,
                "must be at least 10K parameters")
-        _check(math.isfinite(self.tokens_per_param) and self.tokens_per_param > 0, "--tokens-per-param",
+        check(math.isfinite(self.tokens_per_param) and self.tokens_per_param > 0, "tokens_per_param",
                self.tokens_per_param, "must be positive (20 in Chinchilla)")
-        _check(isinstance(self.seq_len, int) and self.seq_len >= 8, "--seq-len", self.seq_len, "must be at least 8")
-        _check(self.vocab_size is None or self.vocab_size >= 8, "--vocab-size", self.vocab_size, "must be at least 8")
-        _check(self.optimizer in ("muon", "adamw"), "--optimizer", self.optimizer, "choose muon or adamw")
+        check(isinstance(self.seq_len, int) and self.seq_len >= 8, "seq_len", self.seq_len, "must be at least 8")
+        check(self.vocab_size is None or self.vocab_size >= 8, "vocab_size", self.vocab_size, "must be at least 8")
+        check(self.optimizer in ("muon", "adamw"), "optimizer", self.optimizer, "choose muon or adamw")
         accelerator(self.gpu)  # an unknown name fails here, listing the known ones
 
 
@@ -113,11 +113,6 @@ class Plan:
     def to_dict(self) -> dict:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
         return asdict(self) | {"config": config, "memory_total": self.memory.total(self.checkpointing)}
-
-
-def _check(ok: bool, flag: str, value, fix: str) -> None:
-    if not ok:
-        raise UserError(f"{flag} {value!r}: {fix}")
 
 
 def parse_count(text: str) -> float:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tweetlm.errors import UserError
+from tweetlm.device import resolve_device
+from tweetlm.infer.sampling import VERB_SAMPLING, SamplingParams
 from tweetlm.tokenizer.chat import render_chat
 
 
@@ -18,16 +19,9 @@ from tweetlm.tokenizer.chat import render_chat
 class ChatConfig:
     run: Path
     system: str = ""
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
+    sampling: SamplingParams = dataclasses.replace(VERB_SAMPLING, max_tokens=256)
     seed: int | None = None  # reply i of the session uses seed + i: a session replays exactly
-    device: str = "cpu"
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise UserError(f"--max-tokens {self.max_tokens}: must be at least 1")
+    device: str = "auto"
 
 
 def _fit(tokenizer, system: list[dict], turns: list[dict], max_tokens: int, context: int) -> list[int]:
@@ -41,14 +35,13 @@ def _fit(tokenizer, system: list[dict], turns: list[dict], max_tokens: int, cont
 
 def chat(cfg: ChatConfig, *, read: Callable[[str], str] = input, out=None) -> None:
     """Reads user lines with `read(prompt)` (EOFError ends) and streams replies to `out` (default stdout)."""
-    from tweetlm.infer.engine import Engine, SamplingParams
+    from tweetlm.infer.engine import Engine
     from tweetlm.model.weights import load_model
 
     out = out or sys.stdout
-    model, tokenizer = load_model(cfg.run, device=cfg.device)
-    # built before the first message, so that a bad flag fails at once
-    sampling = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                              stop_token_ids=(tokenizer.token_id("<|end|>"),))
+    model, tokenizer = load_model(cfg.run, device=resolve_device(cfg.device))
+    sampling = dataclasses.replace(cfg.sampling, stop_token_ids=(tokenizer.token_id("<|end|>"),))
+    max_tokens = sampling.max_tokens
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     turns: list[dict] = []
     replies = 0
@@ -70,7 +63,7 @@ def chat(cfg: ChatConfig, *, read: Callable[[str], str] = input, out=None) -> No
             if not line:
                 continue
             turns.append({"role": "user", "content": line})
-            ids = _fit(tokenizer, system, turns, cfg.max_tokens, engine.max_seq_len)
+            ids = _fit(tokenizer, system, turns, max_tokens, engine.max_seq_len)
             room = engine.max_seq_len - len(ids)
             if room < 1:
                 turns.pop()
@@ -78,7 +71,7 @@ def chat(cfg: ChatConfig, *, read: Callable[[str], str] = input, out=None) -> No
                           "write a shorter one)\n")
                 continue
             request = engine.submit(ids, dataclasses.replace(
-                sampling, max_tokens=min(cfg.max_tokens, room), seed=None if cfg.seed is None else cfg.seed + replies))
+                sampling, max_tokens=min(max_tokens, room), seed=None if cfg.seed is None else cfg.seed + replies))
             replies += 1
             out.write("bot> ")
             reply = ""

@@ -24,7 +24,7 @@ class ServeConfig:
     port: int = 8000  # 0: any free port (the line printed at start says which)
     model_name: str | None = None  # default: the run folder's name
     api_key: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
     max_batch_size: int = 32
     limits: ServeLimits = field(default_factory=ServeLimits)
     moderate: Path | None = None  # a `tweetlm safety train` folder: moderate requests and replies
@@ -67,6 +67,7 @@ def uvicorn_server(app, limits: ServeLimits, log_level: str = "info") -> uvicorn
 
 
 def serve(cfg: ServeConfig) -> None:
+    from tweetlm.device import resolve_device
     from tweetlm.infer.engine import Engine
     from tweetlm.model.weights import load_model
     from tweetlm.search.index import Index
@@ -80,7 +81,8 @@ def serve(cfg: ServeConfig) -> None:
             from tweetlm.artifacts.safety import SafetyClassifier  # scikit-learn, only to moderate
 
             moderator = SafetyClassifier.load(cfg.moderate, cfg.moderate_threshold)
-        model, tokenizer = load_model(cfg.run, device=cfg.device)
+        device = resolve_device(cfg.device)
+        model, tokenizer = load_model(cfg.run, device=device)
     except BaseException:
         sock.close()
         if index is not None:
@@ -92,7 +94,7 @@ def serve(cfg: ServeConfig) -> None:
                      index=index, grounding=cfg.grounding)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    print(f"serving {name} ({cfg.device}, context {engine.max_seq_len} tokens) at {url}: web chat at {url}/, "
+    print(f"serving {name} ({device}, context {engine.max_seq_len} tokens) at {url}: web chat at {url}/, "
           f"OpenAI API at {url}/v1{', API key required' if cfg.api_key else ''}"
           f"{f', moderated at threshold {moderator.threshold:.3f}' if moderator else ''}", flush=True)
     if index is not None:

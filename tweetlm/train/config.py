@@ -17,14 +17,9 @@ from pathlib import Path
 
 import tomli_w
 
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.model.llama import ModelConfig
 from tweetlm.model.sizing import PRESETS, config_from_depth, preset
-
-
-def _check(ok: bool, key: str, value, fix: str) -> None:
-    if not ok:
-        raise UserError(f"{key} = {value!r}: {fix}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,10 +31,10 @@ class ModelSpec:
     seq_len: int = 256  # training context in tokens; also the model's max_seq_len
 
     def __post_init__(self):
-        _check(self.preset is None or self.preset in PRESETS, "model.preset", self.preset, f"choose one of {', '.join(PRESETS)}")
-        _check(self.preset is None or self.depth is None, "model.depth", self.depth, "set model.preset or model.depth, not both")
-        _check(self.depth is None or self.depth >= 1, "model.depth", self.depth, "must be a positive integer")
-        _check(self.seq_len >= 8, "model.seq_len", self.seq_len, "must be at least 8")
+        check(self.preset is None or self.preset in PRESETS, "model.preset", self.preset, f"choose one of {', '.join(PRESETS)}")
+        check(self.preset is None or self.depth is None, "model.depth", self.depth, "set model.preset or model.depth, not both")
+        check(self.depth is None or self.depth >= 1, "model.depth", self.depth, "must be a positive integer")
+        check(self.seq_len >= 8, "model.seq_len", self.seq_len, "must be at least 8")
 
     def resolve(self, *, vocab_size: int) -> ModelConfig:
         try:
@@ -71,17 +66,17 @@ class OptimConfig:
     final_lr: float = 0.0  # LR at the end, as a fraction of the peak
 
     def __post_init__(self):
-        _check(self.name in ("muon", "adamw"), "optim.name", self.name, "choose muon or adamw")
-        _check(self.schedule in ("wsd", "cosine"), "optim.schedule", self.schedule, "choose wsd or cosine")
+        check(self.name in ("muon", "adamw"), "optim.name", self.name, "choose muon or adamw")
+        check(self.schedule in ("wsd", "cosine"), "optim.schedule", self.schedule, "choose wsd or cosine")
         for key in ("lr", "matrix_lr", "grad_clip"):
-            _check(getattr(self, key) > 0, f"optim.{key}", getattr(self, key), "must be positive")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be 0 or more")
+            check(getattr(self, key) > 0, f"optim.{key}", getattr(self, key), "must be positive")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be 0 or more")
         for key in ("beta1", "beta2", "momentum"):
-            _check(0 <= getattr(self, key) < 1, f"optim.{key}", getattr(self, key), "must be in [0, 1)")
-        _check(0 <= self.warmup < 1, "optim.warmup", self.warmup, "must be in [0, 1)")
+            check(0 <= getattr(self, key) < 1, f"optim.{key}", getattr(self, key), "must be in [0, 1)")
+        check(0 <= self.warmup < 1, "optim.warmup", self.warmup, "must be in [0, 1)")
         for key in ("cooldown", "final_lr"):
-            _check(0 <= getattr(self, key) <= 1, f"optim.{key}", getattr(self, key), "must be in [0, 1]")
-        _check(self.warmup + (self.cooldown if self.schedule == "wsd" else 0) <= 1, "optim.warmup", self.warmup,
+            check(0 <= getattr(self, key) <= 1, f"optim.{key}", getattr(self, key), "must be in [0, 1]")
+        check(self.warmup + (self.cooldown if self.schedule == "wsd" else 0) <= 1, "optim.warmup", self.warmup,
                "warmup + cooldown must not exceed the whole run (1.0)")
 
 
@@ -96,7 +91,7 @@ class EvalConfig:
 
     def __post_init__(self):
         for key in ("every", "tokens", "samples_every", "samples"):
-            _check(getattr(self, key) >= 1, f"eval.{key}", getattr(self, key), "must be a positive integer")
+            check(getattr(self, key) >= 1, f"eval.{key}", getattr(self, key), "must be a positive integer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,8 +102,8 @@ class CheckpointConfig:
     keep: int = 2  # the last `keep` checkpoints are kept, plus the one with the best val loss
 
     def __post_init__(self):
-        _check(self.every >= 1, "checkpoint.every", self.every, "must be a positive integer")
-        _check(self.keep >= 1, "checkpoint.keep", self.keep, "must be at least 1 (the latest, to resume from)")
+        check(self.every >= 1, "checkpoint.every", self.every, "must be a positive integer")
+        check(self.keep >= 1, "checkpoint.keep", self.keep, "must be at least 1 (the latest, to resume from)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,21 +136,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps is None and self.time_budget is None:
             raise UserError("no stopping rule: give steps (--steps N) or time_budget in minutes (--time-budget M)")
-        _check(self.steps is None or self.steps >= 1, "steps", self.steps, "must be a positive integer")
-        _check(self.time_budget is None or self.time_budget > 0, "time_budget", self.time_budget, "must be positive (minutes)")
-        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "choose auto, cpu or cuda")
-        _check(self.parallel in ("ddp", "fsdp"), "parallel", self.parallel, "choose ddp or fsdp")
+        check(self.steps is None or self.steps >= 1, "steps", self.steps, "must be a positive integer")
+        check(self.time_budget is None or self.time_budget > 0, "time_budget", self.time_budget, "must be positive (minutes)")
+        check(self.device in ("auto", "cpu", "cuda"), "device", self.device, "choose auto, cpu or cuda")
+        check(self.parallel in ("ddp", "fsdp"), "parallel", self.parallel, "choose ddp or fsdp")
         # Muon orthogonalizes whole matrices; FSDP gives each rank a slice of every matrix (a gather per matrix
         # per step would undo the sharding's memory saving), so muon runs under ddp and adamw under both.
-        _check(not (self.parallel == "fsdp" and self.optim.name == "muon"), "parallel", self.parallel,
+        check(not (self.parallel == "fsdp" and self.optim.name == "muon"), "parallel", self.parallel,
                "fsdp needs optim.name = adamw (--set optim.name=adamw --set optim.lr=0.006): "
                "Muon needs whole matrices; use --parallel ddp to train with Muon")
-        _check(self.init_from is None or (self.model.preset is None and self.model.depth is None), "init_from",
+        check(self.init_from is None or (self.model.preset is None and self.model.depth is None), "init_from",
                self.init_from, "takes the model's shape from that run: drop model.preset / model.depth (--preset, --depth)")
-        _check(self.micro_batch >= 1, "micro_batch", self.micro_batch, "must be a positive integer")
-        _check(self.log_every >= 1, "log_every", self.log_every, "must be a positive integer")
+        check(self.micro_batch >= 1, "micro_batch", self.micro_batch, "must be a positive integer")
+        check(self.log_every >= 1, "log_every", self.log_every, "must be a positive integer")
         per_micro = self.micro_batch * self.model.seq_len
-        _check(self.batch_tokens >= per_micro and self.batch_tokens % per_micro == 0, "batch_tokens", self.batch_tokens,
+        check(self.batch_tokens >= per_micro and self.batch_tokens % per_micro == 0, "batch_tokens", self.batch_tokens,
                f"must be a multiple of micro_batch x model.seq_len = {self.micro_batch} x {self.model.seq_len} = {per_micro}")
 
     @property
@@ -165,7 +160,7 @@ class TrainConfig:
 
     def grad_accum_per_rank(self, world: int) -> int:
         """Micro-batches per step on each of `world` processes: batch_tokens is the global batch at any world size."""
-        _check(self.grad_accum % world == 0, "batch_tokens", self.batch_tokens,
+        check(self.grad_accum % world == 0, "batch_tokens", self.batch_tokens,
                f"must be a multiple of micro_batch x model.seq_len x processes = {self.micro_batch} x {self.model.seq_len} "
                f"x {world} = {self.micro_batch * self.model.seq_len * world} to split evenly over {world} processes: "
                "change batch_tokens or micro_batch")
@@ -196,14 +191,14 @@ def _build(cls, raw: dict, prefix: str = ""):
             raise UserError(f"unknown config key {name!r}: valid keys{' in [' + prefix[:-1] + ']' if prefix else ''} are {', '.join(valid)}")
         tp = _unwrap_optional(hints[key])
         if dataclasses.is_dataclass(tp):
-            _check(isinstance(value, dict), name, value, f"must be a section [{name}]")
+            check(isinstance(value, dict), name, value, f"must be a section [{name}]")
             kwargs[key] = _build(tp, value, name + ".")
             continue
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if tp is Path and isinstance(value, str):
             value = Path(value)
-        _check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), name, value, f"must be {_TYPE_WORDS[tp]}")
+        check(isinstance(value, tp) and not (tp is int and isinstance(value, bool)), name, value, f"must be {_TYPE_WORDS[tp]}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -252,7 +247,7 @@ def load_config(path: Path | None = None, overrides: dict[str, object] | None = 
         table = raw
         for section in sections:
             table = table.setdefault(section, {})
-            _check(isinstance(table, dict), dotted, value, f"{section} is not a section")
+            check(isinstance(table, dict), dotted, value, f"{section} is not a section")
         table[key] = value
     return _build(TrainConfig, raw)
 

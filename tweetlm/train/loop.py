@@ -23,8 +23,10 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from tweetlm.artifacts.checkpoint import latest_checkpoint
@@ -55,10 +57,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None, val=None) -> 
     With both, cfg.tokens is not read (the tokenizer is then cfg.tokenizer's or init_from's)."""
     device = rank_device(cfg.device)
     with process_group(device, cfg.parallel):
-        return _train(cfg, device, resume=resume, batches=batches, val=val)
+        return _loop(cfg, _setup(cfg, device, resume=resume, batches=batches, val=val))
 
 
-def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """Everything a run needs before its first step: built by _setup, run by _loop."""
+
+    run: Path
+    device: torch.device
+    tokenizer: Tokenizer
+    model: Llama  # what is saved, sampled from and optimized (under fsdp its parameters are the shards)
+    forward: nn.Module  # the model as parallelize wrapped it: (inputs, targets) [B, T] -> mean loss
+    optimizers: list[torch.optim.Optimizer]
+    batches: Any  # next() -> (inputs, targets) [B, T], this rank's share; state_dict() / load_state_dict()
+    val: list[tuple[torch.Tensor, torch.Tensor]]  # this rank's share, as many batches on every rank
+    token_bytes: torch.Tensor  # [V] UTF-8 bytes of each token's text, for bits per byte
+    grad_accum: int  # micro-batches per step on this rank
+    flops_per_step: float
+    peak: float | None  # FLOP/s of all the run's devices together; None where unknown
+    checkpoint: Path | None  # the one this run resumes from
+    step: int  # this and the three below: where the run starts, 0 or the checkpoint's
+    train_time: float  # seconds spent training (evaluation and checkpoints not counted)
+    tokens_seen: int
+    last_val: dict  # the latest evaluation, {"val_loss", "val_bpb"}
+
+
+def _setup(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val) -> _Setup:
+    """Check the data and RUN, write RUN's files, build the model (loading init_from's or the checkpoint's
+    weights), its optimizers, the train and val batches, and print what the run is."""
     seed_everything(cfg.seed, device)
     world, grad_accum = world_size(), cfg.grad_accum_per_rank(world_size())
     run = Path(cfg.out)
@@ -111,7 +138,6 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
         batches.load_state_dict(state["loader"])
         step, train_time, tokens_seen, last_val = state["step"], state["train_time"], state["tokens"], state["val"]
         print0(f"resumed from {checkpoint} (step {step})")
-    start_step = step
     model.train()
 
     flops_per_step = flops_per_token(model_cfg, seq_len) * cfg.batch_tokens
@@ -121,16 +147,29 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
     print0(f"model: {num_params(model_cfg):,} parameters ({model_cfg.depth} layers, dim {model_cfg.dim}); "
            f"{grad_accum} x {cfg.micro_batch} x {seq_len}{processes} = {cfg.batch_tokens:,} tokens per step; "
            f"{device_name(device)}{' each' if world > 1 else ''}, peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
+    return _Setup(run=run, device=device, tokenizer=tokenizer, model=model, forward=forward, optimizers=optimizers,
+                  batches=batches, val=val, token_bytes=token_bytes, grad_accum=grad_accum,
+                  flops_per_step=flops_per_step, peak=peak, checkpoint=checkpoint, step=step, train_time=train_time,
+                  tokens_seen=tokens_seen, last_val=last_val)
+
+
+def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
+    """The loop, from setup.step to the end; returns the final metrics. Each iteration, in order: maybe evaluate,
+    maybe checkpoint, maybe write samples, stop?, micro-batches forward/backward, clip, step, log."""
+    run, device, model, forward = setup.run, setup.device, setup.model, setup.forward
+    optimizers, batches, grad_accum = setup.optimizers, setup.batches, setup.grad_accum
+    step, train_time, tokens_seen, last_val = setup.step, setup.train_time, setup.tokens_seen, setup.last_val
+    start_step = step
     bar = tqdm(total=1000, disable=not is_main(), bar_format="{l_bar}{bar}| {remaining} left{postfix}", mininterval=0.5)
     loss, session_tokens, session_time = float("nan"), 0, 0.0  # tokens/s over this session, first step left out
     while True:
         progress = _progress(cfg, step, train_time)
         last = progress >= 1
         bar.update(min(1000, int(1000 * progress)) - bar.n)
-        done_before = checkpoint is not None and step == start_step  # this step's eval and checkpoint are already on disk
+        done_before = setup.checkpoint is not None and step == start_step  # this step's eval and checkpoint are already on disk
         evaluated = False
         if (step % cfg.eval.every == 0 or last) and not done_before:
-            last_val = evaluate(forward, val, token_bytes, device, reduce=all_reduce_sum)
+            last_val = evaluate(forward, setup.val, setup.token_bytes, device, reduce=all_reduce_sum)
             evaluated = True
             if is_main():
                 log_metrics(run, {"step": step, "tokens": tokens_seen, **last_val})
@@ -140,7 +179,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
                             keep=cfg.checkpoint.keep, state={"loader": batches.state_dict(), "train_time": train_time,
                                                              "tokens": tokens_seen, "val": last_val})
         if ((step % cfg.eval.samples_every == 0 and step > 0) or last) and not done_before:
-            _write_samples(run, model, tokenizer, step=step, n=cfg.eval.samples, seed=cfg.seed, device=device)
+            _write_samples(run, model, setup.tokenizer, step=step, n=cfg.eval.samples, seed=cfg.seed, device=device)
         if last:
             break
 
@@ -164,7 +203,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
         step, train_time, tokens_seen = step + 1, train_time + dt, tokens_seen + cfg.batch_tokens
         if step > start_step + 1:
             session_tokens, session_time = session_tokens + cfg.batch_tokens, session_time + dt
-        mfu = flops_per_step / dt / peak if peak else None
+        mfu = setup.flops_per_step / dt / setup.peak if setup.peak else None
         if step % cfg.log_every == 0 and is_main():
             log_metrics(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
                        "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
@@ -174,7 +213,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
     bar.close()
     tok_per_s = session_tokens / session_time if session_time else None
     final = {"step": step, "loss": loss, **last_val, "tokens": tokens_seen, "time": train_time, "tok_per_s": tok_per_s,
-             "mfu": tok_per_s * flops_per_step / cfg.batch_tokens / peak if tok_per_s and peak else None}
+             "mfu": tok_per_s * setup.flops_per_step / cfg.batch_tokens / setup.peak if tok_per_s and setup.peak else None}
     print0("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items() if v is not None))
     return final
 

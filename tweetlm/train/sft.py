@@ -12,10 +12,10 @@ every other target is IGNORE_INDEX.
   at the defaults (5%, seed 0) a thread of `data threads --split all` whose posts carry its conversation_id (API
   v2) is held out exactly when the corpus put it in its test split, which pretraining never saw. Or --val FILE:
   all of it held out, none of --data.
-- Packing: conversations go whole, in stream order, into windows of seq_len + 1 tokens (inputs, and targets
-  shifted by one); one that does not fit starts the next window, and the rest of a window is padding with
-  ignored targets. A conversation longer than a window is cut to it, one left with no assistant token is left
-  out: both are counted and printed.
+- Packing (train/batches.py): conversations go whole, in stream order, into windows of seq_len + 1 tokens
+  (inputs, and targets shifted by one); one that does not fit starts the next window, and the rest of a window
+  is padding with ignored targets. A conversation longer than a window is cut to it, one left with no assistant
+  token is left out: both are counted and printed.
 - Mixing: the train stream draws its next conversation's source with probability weight / sum of weights
   (seeded), and each source goes through its conversations in a seeded order, epoch after epoch: a source of
   weight 2 gives twice as many conversations as one of weight 1, whatever their sizes (a small one repeats sooner).
@@ -30,12 +30,11 @@ import json
 import math
 import sys
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from tweetlm.artifacts.checkpoint import best_checkpoint, run_folder
@@ -43,28 +42,21 @@ from tweetlm.artifacts.files import write_text
 from tweetlm.artifacts.runs import read_metrics
 from tweetlm.data.split import assign_split
 from tweetlm.errors import UserError
-from tweetlm.model.llama import IGNORE_INDEX
 from tweetlm.spec import path_and_number
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat_with_mask
+from tweetlm.train.batches import Conversation, ConversationBatches, conversation_val_batches
 from tweetlm.train.config import TrainConfig, load_config
 from tweetlm.train.dist import is_main, print0, rank, world_size
 from tweetlm.train.loop import train
 
 DEFAULT_VAL_RATIO = 0.05
 
-# Fine-tuning defaults, under --steps, --time-budget, --seed and --set: one micro-batch of 16 windows of 256 tokens
-# a step, the LRs a tenth of pretraining's (config.py). Measured from the demo's 5-minute small model on the API v2
-# threads (139 conversations to train, 17 held out; 60 steps, held-out assistant bpb every 10 from 2.373): at
-# pretraining's LRs it only rises (2.68 at step 10, 6.70 at 60: the model learns the 139 by heart), at 0.3x it
-# bottoms at 2.19 (step 10) and ends at 4.31, at 0.1x it bottoms at 2.17 (step 20) and ends at 2.34. Closing the
-# turn is learned later (at 0.1x, 0 of the 17 held-out prompts get <|end|> within 100 sampled tokens at step 20,
-# 12 at step 60); pretraining's LR for the embedding alone (0.05, tied head too) gets 16 at step 20 but learns
-# the 139 by heart (bpb 3.12). A checkpoint at every evaluation: the best, which load_model serves, is one of them.
+# Fine-tuning defaults, under --steps, --time-budget, --seed and --set. A checkpoint at every evaluation: the best,
+# which load_model serves, is one of them.
+# LRs a tenth of pretraining's: held-out bpb 2.34 after 60 steps, 6.70 at pretraining's (docs/benchmarks.md, "Fine-tuning").
 DEFAULTS = {"steps": 300, "batch_tokens": 4096, "micro_batch": 16, "model.seq_len": 256, "optim.lr": 0.005,
             "optim.matrix_lr": 0.002, "eval.every": 50, "eval.samples_every": 100, "checkpoint.every": 50, "log_every": 10}
-
-_BLOCK = 4096  # source choices drawn per generator call
 
 
 @dataclass(frozen=True)
@@ -113,7 +105,7 @@ class SftConfig:
 
 class Conversations:
     """Rendered conversations, flat: conversation i is ids[starts[i]:starts[i + 1]] with the same slice of mask
-    (5 bytes a token, where lists of Python ints would take ~40)."""
+    (5 bytes a token, where lists of Python ints would take ~40); a source of ConversationBatches."""
 
     def __init__(self):
         self._ids, self._mask, self._starts = array("i"), bytearray(), array("q", [0])
@@ -126,12 +118,12 @@ class Conversations:
     def __len__(self) -> int:
         return len(self._starts) - 1
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> Conversation:
         """(ids [n] int32, mask [n] bool) of conversation i."""
         start, end = self._starts[i], self._starts[i + 1]
         return np.frombuffer(self._ids[start:end], dtype=np.int32), np.frombuffer(self._mask[start:end], dtype=bool)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[Conversation]:
         return (self[i] for i in range(len(self)))
 
     def tokens(self) -> int:
@@ -192,105 +184,6 @@ def read_conversations(path: Path, tokenizer: Tokenizer, *, window: int, held_ou
         raise UserError(f'{path} holds no conversations: expected one {{"messages": [...]}} object a line')
     assert counts["read"] == counts["train"] + counts["val"] + counts["no_assistant_tokens"], counts
     return train_set, val_set, counts
-
-
-# ---------------------------------------------------------------- batches
-
-
-def _stack(rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows given as lists of (ids, mask) -> inputs [B, T] and targets [B, T] int64: a target is the next
-    token where the mask is true, IGNORE_INDEX elsewhere (user and system turns, role tokens, padding)."""
-    ids = np.full((len(rows), seq_len + 1), pad_id, dtype=np.int64)  # [B, T+1]
-    learn = np.zeros((len(rows), seq_len + 1), dtype=bool)
-    for row, pieces in enumerate(rows):
-        at = 0
-        for piece_ids, piece_mask in pieces:
-            ids[row, at : at + len(piece_ids)] = piece_ids
-            learn[row, at : at + len(piece_ids)] = piece_mask
-            at += len(piece_ids)
-        assert at <= seq_len + 1, f"{at} tokens packed in a window of {seq_len + 1}"
-    targets = np.where(learn[:, 1:], ids[:, 1:], IGNORE_INDEX)
-    return torch.from_numpy(ids[:, :-1].copy()), torch.from_numpy(targets)
-
-
-class ConversationBatches:
-    """An endless, seeded, resumable stream of (inputs [B, T], targets [B, T]) int64 CPU tensors of packed
-    conversations mixed from `sources` by `weights`: this rank's share. As in TokenBatches (batches.py), each
-    next() packs the next world x batch_size windows of the one stream and rank r keeps the r-th run of
-    batch_size, so rank r's k-th batch is the single-process batch k x world + r. The position is JSON:
-    {"drawn": conversations placed, "taken": [of each source]}."""
-
-    def __init__(self, sources: list[Conversations], weights: list[float], *, seq_len: int, batch_size: int,
-                 pad_id: int, seed: int, rank: int = 0, world: int = 1):
-        assert sources and len(sources) == len(weights) and all(len(s) for s in sources), (len(sources), weights)
-        assert 0 <= rank < world, f"rank {rank} of {world}"
-        self.sources, self.seq_len, self.batch_size, self.pad_id, self.seed = sources, seq_len, batch_size, pad_id, seed
-        self.rank, self.world = rank, world
-        self.p = np.array(weights, dtype=np.float64) / sum(weights)
-        self.drawn, self.taken = 0, [0] * len(sources)
-        self._choices: tuple[int, np.ndarray] | None = None  # (block, the sources drawn for it)
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its conversations in order)
-
-    def _peek(self) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
-        """(source, conversation) at the stream's position."""
-        block, at = divmod(self.drawn, _BLOCK)
-        if self._choices is None or self._choices[0] != block:
-            rng = np.random.default_rng([self.seed, 0, block])
-            self._choices = (block, rng.choice(len(self.sources), size=_BLOCK, p=self.p))
-        source = int(self._choices[1][at])
-        epoch, i = divmod(self.taken[source], len(self.sources[source]))
-        if source not in self._orders or self._orders[source][0] != epoch:
-            order = np.random.default_rng([self.seed, 1, source, epoch]).permutation(len(self.sources[source]))
-            self._orders[source] = (epoch, order)
-        return source, self.sources[source][int(self._orders[source][1][i])]
-
-    def _window(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        pieces, used = [], 0
-        while True:
-            source, (ids, mask) = self._peek()
-            if used + len(ids) > self.seq_len + 1:
-                break
-            pieces.append((ids, mask))
-            used += len(ids)
-            self.drawn, self.taken[source] = self.drawn + 1, self.taken[source] + 1
-        assert pieces, f"a conversation of {len(ids)} tokens is longer than a window of {self.seq_len + 1}"
-        return pieces
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self._window() for _ in range(self.batch_size * self.world)]
-        return _stack(rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size], self.seq_len, self.pad_id)
-
-    def state_dict(self) -> dict:
-        return {"drawn": self.drawn, "taken": list(self.taken)}
-
-    def load_state_dict(self, state: dict) -> None:
-        assert len(state["taken"]) == len(self.sources), f"a position over {len(state['taken'])} sources, not {len(self.sources)}"
-        self.drawn, self.taken = state["drawn"], list(state["taken"])
-
-
-def conversation_val_batches(conversations: Iterable[tuple[np.ndarray, np.ndarray]], *, seq_len: int, batch_size: int,
-                             pad_id: int, max_windows: int, rank: int = 0,
-                             world: int = 1) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """(batches, conversations in them): the fixed val set. Conversations packed in order (as ConversationBatches
-    packs) into at most max_windows windows, this rank's contiguous share of them, padded with empty windows (all
-    targets ignored) so that every rank has as many batches."""
-    rows, pieces, used = [], [], 0
-    for ids, mask in conversations:
-        if used + len(ids) > seq_len + 1:
-            rows.append(pieces)
-            pieces, used = [], 0
-            if len(rows) == max_windows:
-                break
-        pieces.append((ids, mask))
-        used += len(ids)
-    else:
-        if pieces:
-            rows.append(pieces)
-    share = -(-len(rows) // world)
-    mine = rows[rank * share : (rank + 1) * share]
-    mine += [[]] * (share - len(mine))
-    batches = [_stack(mine[i : i + batch_size], seq_len, pad_id) for i in range(0, share, batch_size)]
-    return batches, sum(len(pieces) for pieces in rows)
 
 
 # ---------------------------------------------------------------- the verb

@@ -128,7 +128,7 @@ def test_same_seed_same_file_and_the_verb(corpus, tmp_path, capsys):
     assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
     assert main(["data", "tasks", str(corpus), "--out", str(tmp_path / "d.jsonl")]) == 0  # no --tweeteval: no tone
     assert {json.loads(line)["task"] for line in (tmp_path / "d.jsonl").open()} == {"compose", "reply", "summarize"}
-    for extra, says in ((["--tasks", "tone"], "tone needs --tweeteval"), (["--tasks", "poems"], "unknown poems"),
+    for extra, says in ((["--tasks", "tone"], "--tweeteval None: tone needs TweetEval's datasets/ folder"), (["--tasks", "poems"], "unknown poems"),
                         (["--split", "all"], "invalid choice")):
         assert main(["data", "tasks", str(corpus), "--out", str(tmp_path / "e.jsonl"), *extra]) == 2
         assert says in capsys.readouterr().err

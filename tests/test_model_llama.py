@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tweetlm.errors import ConfigError
 from tweetlm.infer.generate import generate_ids
 from tweetlm.model.llama import Llama, ModelConfig
 from tweetlm.model.sizing import PRESETS, config_from_depth, flops_per_token, num_params, preset
@@ -33,9 +34,9 @@ def test_qk_norm_and_untied_head_counted():
 
 
 def test_bad_shapes_are_refused_with_the_field_named():
-    with pytest.raises(ValueError, match="n_kv_heads"):
+    with pytest.raises(ConfigError, match="n_kv_heads"):
         ModelConfig(vocab_size=100, depth=2, dim=64, n_heads=4, n_kv_heads=3, ffn_dim=128)
-    with pytest.raises(ValueError, match="n_heads"):
+    with pytest.raises(ConfigError, match="n_heads"):
         ModelConfig(vocab_size=100, depth=2, dim=64, n_heads=5, n_kv_heads=5, ffn_dim=128)
 
 

@@ -115,7 +115,7 @@ def test_train_prints_val_bytes_per_token(small_corpus, tmp_path, capsys):
 def test_user_errors(small_corpus, tmp_path):
     with pytest.raises(UserError, match="not a corpus"):
         train_tokenizer(TokenizerConfig(corpus=tmp_path, out=tmp_path / "tok", vocab_size=1000))
-    with pytest.raises(UserError, match="vocab-size 200 is too small"):
+    with pytest.raises(UserError, match="vocab_size = 200: too small"):
         TokenizerConfig(corpus=small_corpus, out=tmp_path / "tok", vocab_size=200)
     with pytest.raises(UserError, match="no tokenizer"):
         Tokenizer.load(tmp_path / "missing")

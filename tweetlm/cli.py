@@ -10,6 +10,7 @@ the help text reads the default from the dataclass when `VERB --help` is printed
 import argparse
 import dataclasses
 import importlib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -41,8 +42,17 @@ def _show(value) -> str:
 
 
 def _class(config: str):
-    module, _, name = config.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    """"tweetlm.data.prepare.PrepareConfig" -> the class (or "tweetlm.search.index.Index.search" -> the function)."""
+    parts = config.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            value = getattr(value, name)
+        return value
+    raise AssertionError(f"no module in {config}")
 
 
 def _field_default(cls_or_obj, name: str):
@@ -58,8 +68,12 @@ def _field_default(cls_or_obj, name: str):
 
 
 def _default(config: str, dest: str):
-    """The default of the (dotted) field `dest` of dataclass `config` ("module.Class"), None if it is not a field."""
+    """The default of the (dotted) field `dest` of dataclass `config` ("module.Class"), or of the keyword `dest` of
+    function `config` ("module.Class.method"); None if there is none."""
     value = _class(config)
+    if not dataclasses.is_dataclass(value):
+        found = inspect.signature(value).parameters.get(dest)
+        return None if found is None or found.default is inspect.Parameter.empty else found.default
     for part in dest.split("."):
         if not dataclasses.is_dataclass(value):
             return None
@@ -83,6 +97,12 @@ def _config(cls, a, **fixed):
     for head, changes in nested.items():
         values[head] = dataclasses.replace(values.get(head) or _field_default(cls, head), **changes)
     return cls(**values)
+
+
+def _keywords(fn, a) -> dict:
+    """The flags given whose dest is a keyword-only parameter of `fn`: a flag left out keeps fn's default."""
+    names = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {dest: value for dest, value in vars(a).items() if value is not None and dest in names}
 
 
 def _group(sub, name: str, help: str):
@@ -419,9 +439,9 @@ def _add_model(sub):
 
 def _add_sampling(p, *, seed_help: str) -> None:
     """The sampling flags of generate, chat and the tasks: fields of their config's `sampling` (a SamplingParams)."""
-    p.add_argument("--temperature", dest="sampling.temperature", type=float, help="0 is greedy")
-    p.add_argument("--top-k", dest="sampling.top_k", type=int, help="sample among the k likeliest tokens; 0 is off")
-    p.add_argument("--top-p", dest="sampling.top_p", type=float, help="nucleus sampling mass; 1 is off")
+    p.add_argument("--temperature", dest="sampling.temperature", type=float, metavar="T", help="0 is greedy")
+    p.add_argument("--top-k", dest="sampling.top_k", type=int, metavar="K", help="sample among the k likeliest tokens; 0 is off")
+    p.add_argument("--top-p", dest="sampling.top_p", type=float, metavar="P", help="nucleus sampling mass; 1 is off")
     p.add_argument("--seed", type=int, help=seed_help)
 
 
@@ -436,7 +456,7 @@ def _add_generate(sub):
     p.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tweetlm train`")
     p.add_argument("--prompt", help="text the posts start with (default: none, a fresh post)")
     p.add_argument("--num-samples", type=int, help="how many posts")
-    p.add_argument("--max-new-tokens", dest="sampling.max_tokens", type=int, help="at most this many tokens per post")
+    p.add_argument("--max-new-tokens", dest="sampling.max_tokens", type=int, metavar="N", help="at most this many tokens per post")
     _add_sampling(p, seed_help="make sampling reproducible (sample i uses seed + i)")
     p.add_argument("--stop", dest="sampling.stop", action="append", metavar="TEXT", help="stop a post at this text (repeatable)")
     _add_device(p)
@@ -480,7 +500,7 @@ def _add_tasks(sub):
         else:
             p.add_argument("--thread", required=True, metavar="FILE", help="the thread's posts, one per line; - reads stdin")
         p.add_argument("--num-samples", type=int, help="how many posts, decoded together")
-        p.add_argument("--max-tokens", dest="sampling.max_tokens", type=int, help="at most this many tokens per post")
+        p.add_argument("--max-tokens", dest="sampling.max_tokens", type=int, metavar="N", help="at most this many tokens per post")
         _add_sampling(p, seed_help="make sampling reproducible (sample i uses seed + i)")
         _add_device(p)
 
@@ -491,7 +511,7 @@ def _add_tasks(sub):
 def _export_hf(a):
     from tweetlm.model.hf import export_hf
 
-    export_hf(Path(a.run_dir), Path(a.out), dtype=a.dtype)
+    export_hf(Path(a.run_dir), Path(a.out), **_keywords(export_hf, a))
 
 
 def _import_hf(a):
@@ -503,10 +523,10 @@ def _import_hf(a):
 def _add_export(sub):
     esub = _group(sub, "export", "write a trained model in another format")
     p = _verb(esub, "hf", "write a run's best checkpoint as a Hugging Face Llama model folder (transformers, vLLM, llama.cpp)",
-              "tweetlm export hf runs/small --out export/small --dtype bfloat16", _export_hf)
+              "tweetlm export hf runs/small --out export/small --dtype bfloat16", _export_hf, "tweetlm.model.hf.export_hf")
     p.add_argument("run_dir", metavar="RUN", help="a run folder written by `tweetlm train` (or one of its checkpoints)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: config.json, model.safetensors, tokenizer files")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' type (default float32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights' type")
 
 
 def _add_import(sub):
@@ -578,7 +598,7 @@ def _add_serve(sub):
     p.add_argument("--api-key-file", metavar="FILE", help="read the API key from this file")
     _add_device(p)
     p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
-    p.add_argument("--max-concurrent", dest="limits.max_concurrent", type=int, help="generation requests at once; more get 429")
+    p.add_argument("--max-concurrent", dest="limits.max_concurrent", type=int, metavar="N", help="generation requests at once; more get 429")
     p.add_argument("--max-body-kb", type=int, help="largest request body in KiB; more gets 413 (default: ServeLimits, 1 MiB)")
     p.add_argument("--moderate", metavar="SAFETY[:THRESHOLD]", help="a `tweetlm safety train` classifier: serve "
                    "/v1/moderations, refuse requests and replies it scores toxic (at its threshold, or THRESHOLD)")
@@ -606,7 +626,7 @@ def _add_chat(sub):
               "tweetlm.serve.chat.ChatConfig")
     p.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tweetlm train` (a chat fine-tuned one answers best)")
     p.add_argument("--system", help="a system message that opens the conversation")
-    p.add_argument("--max-tokens", dest="sampling.max_tokens", type=int, help="at most this many tokens per reply")
+    p.add_argument("--max-tokens", dest="sampling.max_tokens", type=int, metavar="N", help="at most this many tokens per reply")
     _add_sampling(p, seed_help="make a session reproducible (reply i uses seed + i)")
     _add_device(p)
 
@@ -623,10 +643,10 @@ def _index_add(a):
 def _search(a):
     import json
 
-    from tweetlm.search.index import Index, format_hits, parse_duration
+    from tweetlm.search.index import Index, format_hits
 
     with Index(Path(a.index), create=False) as index:
-        hits = index.search(a.query, since=a.since, limit=a.limit, half_life=parse_duration(a.half_life))
+        hits = index.search(a.query, **_keywords(Index.search, a))
     print(json.dumps(hits, ensure_ascii=False, indent=1) if a.json else format_hits(hits))
 
 
@@ -638,16 +658,23 @@ def _add_index(sub):
     p.add_argument("--index", required=True, metavar="INDEX", help="the index file (SQLite), made if missing")
 
 
+def _duration(text: str) -> float:
+    from tweetlm.search.index import parse_duration
+
+    return parse_duration(text)
+
+
 def _add_search(sub):
     p = _verb(sub, "search", "search an index of posts: BM25 with a recency boost, best first",
-              "tweetlm search 'garage tools' --index work/posts.db --since 7d --limit 5", _search)
+              "tweetlm search 'garage tools' --index work/posts.db --since 7d --limit 5", _search,
+              "tweetlm.search.index.Index.search")
     p.add_argument("query", metavar="QUERY", help="words to look for (any of them; rarer words count more)")
     p.add_argument("--index", required=True, metavar="INDEX", help="an index file written by `tweetlm index add`")
     p.add_argument("--since", metavar="WHEN", help="only posts from then on: an ISO date or time (2024-05-01, "
                    "2024-05-01T12:00:00Z) or a duration back from now (90m, 24h, 7d, 2w)")
-    p.add_argument("--limit", type=int, default=10, help="how many posts (default 10, at most 1000)")
-    p.add_argument("--half-life", default="24h", metavar="DURATION",
-                   help="age at which the recency boost halves; a new post scores up to 2x an old one (default 24h)")
+    p.add_argument("--limit", type=int, help="how many posts, at most 1000")
+    p.add_argument("--half-life", type=_duration, metavar="DURATION", help="age at which the recency boost halves, "
+                   "a duration (90m, 24h, 7d); a new post scores up to 2x an old one; in seconds:")
     p.add_argument("--json", action="store_true", help="print the posts as JSON, with every field and the score")
 
 

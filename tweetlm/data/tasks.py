@@ -41,7 +41,7 @@ from tweetlm.artifacts.prompts import (HASHTAG, LIMIT, PIECES, check_hashtags, c
 from tweetlm.artifacts.text import normalize
 from tweetlm.data.corpus import SPLITS, shard_paths
 from tweetlm.data.threads import Forest, ThreadStats
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 
 TASKS = ("compose", "reply", "summarize", "tone")
 CORPUS_TASKS = ("compose", "reply", "summarize")
@@ -73,13 +73,12 @@ class TasksConfig:
         if self.tasks is None:
             object.__setattr__(self, "tasks", TASKS if self.tweeteval is not None else CORPUS_TASKS)
         unknown = sorted(set(self.tasks) - set(TASKS))
-        if not self.tasks or unknown:
-            raise UserError(f"--tasks: unknown {','.join(unknown) or '(none given)'}; choose among {','.join(TASKS)}")
-        if self.split not in SPLITS:
-            raise UserError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
-        if "tone" in self.tasks and (self.tweeteval is None or not Path(self.tweeteval).is_dir()):
-            raise UserError(f"tone needs --tweeteval DIR, TweetEval's datasets/ folder (e.g. ../shared/data/tweeteval); "
-                            f"got {self.tweeteval}. Give it, or leave tone out of --tasks")
+        check(bool(self.tasks) and not unknown, "tasks", ",".join(self.tasks),
+              f"unknown {','.join(unknown) or '(none given)'}; choose among {','.join(TASKS)}")
+        check(self.split in SPLITS, "split", self.split, f"choose one of {', '.join(SPLITS)}")
+        check("tone" not in self.tasks or (self.tweeteval is not None and Path(self.tweeteval).is_dir()), "tweeteval",
+              None if self.tweeteval is None else str(self.tweeteval), "tone needs TweetEval's datasets/ folder (e.g. "
+              "../shared/data/tweeteval): give it, or leave tone out of the tasks")
 
 
 @dataclass

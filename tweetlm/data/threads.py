@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from tweetlm.artifacts.files import atomic_write
 from tweetlm.data.corpus import SPLITS, shard_paths
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 
 _COLUMNS = ["id", "author_id", "created_at", "conversation_id", "in_reply_to_id", "clean_text"]
 
@@ -47,8 +47,7 @@ class ThreadsConfig:
     split: str = "train"  # train, val, test, or all
 
     def __post_init__(self):
-        if self.split not in (*SPLITS, "all"):
-            raise UserError(f"split must be one of {', '.join(SPLITS)} or all (got {self.split!r})")
+        check(self.split in (*SPLITS, "all"), "split", self.split, f"choose one of {', '.join(SPLITS)} or all")
 
 
 @dataclass

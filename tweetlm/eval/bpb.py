@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from tweetlm.data.corpus import SPLITS, iter_texts
 from tweetlm.device import resolve_device
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.model.llama import IGNORE_INDEX
 from tweetlm.model.scoring import evaluate
 from tweetlm.model.weights import load_model
@@ -46,10 +46,9 @@ class BpbConfig:
     def __post_init__(self):
         if (self.text is None) == (self.corpus is None):
             raise UserError("give --text FILE or --corpus CORPUS (with --split), one of the two")
-        if self.split not in SPLITS:
-            raise UserError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
-        if self.window is not None and self.window < 1 or self.batch_size < 1:
-            raise UserError(f"--window and --batch-size must be at least 1 (got {self.window}, {self.batch_size})")
+        check(self.split in SPLITS, "split", self.split, f"choose one of {', '.join(SPLITS)}")
+        check(self.window is None or self.window >= 1, "window", self.window, "must be at least 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
 
 
 def bpb(cfg: BpbConfig) -> dict:

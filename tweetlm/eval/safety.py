@@ -23,7 +23,7 @@ import numpy as np
 from tweetlm.artifacts.ngrams import NgramFeatures
 from tweetlm.artifacts.safety import SafetyClassifier, sigmoid
 from tweetlm.artifacts.text import normalize
-from tweetlm.errors import UserError
+from tweetlm.errors import check
 from tweetlm.eval.logistic import fit_logistic
 from tweetlm.eval.tweeteval import C_GRID, load_task
 
@@ -36,8 +36,8 @@ class SafetyConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_train_examples is not None and self.max_train_examples < 1:
-            raise UserError(f"--max-train-examples must be at least 1 (got {self.max_train_examples})")
+        check(self.max_train_examples is None or self.max_train_examples >= 1, "max_train_examples",
+              self.max_train_examples, "must be at least 1")
 
 
 def train_safety(cfg: SafetyConfig) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.eval.metrics import irony_f1, macro_f1, stance_f1
 
 TASKS = ("emoji", "emotion", "hate", "irony", "offensive", "stance")
@@ -101,22 +101,18 @@ class TweetEvalConfig:
     def __post_init__(self):
         if self.out is None:
             object.__setattr__(self, "out", (Path(self.run) if self.run else Path()) / f"tweeteval-{self.split}")
+        check(self.split in SPLITS, "split", self.split, "choose val or test")
         unknown = sorted(set(self.tasks) - set(TASKS))
-        checks = [
-            (self.split not in SPLITS, f"--split {self.split!r}: choose val or test"),
-            (not self.tasks or unknown,
-             f"--tasks: unknown {','.join(unknown) or '(none given)'}; choose among {','.join(TASKS)}"),
-            ((self.run is None) == (self.model is None), "give a RUN folder or --model tfidf, not both and not neither"),
-            (self.model not in (None, "tfidf"), f"--model {self.model!r}: the only built-in model is tfidf"),
-            (self.max_train_examples is not None and self.max_train_examples < 1,
-             f"--max-train-examples must be at least 1 (got {self.max_train_examples})"),
-            (self.epochs < 1 or self.batch_size < 1,
-             f"--epochs and --batch-size must be at least 1 (got {self.epochs}, {self.batch_size})"),
-            (not self.lr > 0, f"--lr must be positive (got {self.lr})"),
-        ]
-        for failed, message in checks:
-            if failed:
-                raise UserError(message)
+        check(bool(self.tasks) and not unknown, "tasks", ",".join(self.tasks),
+              f"unknown {','.join(unknown) or '(none given)'}; choose among {','.join(TASKS)}")
+        if (self.run is None) == (self.model is None):
+            raise UserError("give a RUN folder or --model tfidf, not both and not neither")
+        check(self.model in (None, "tfidf"), "model", self.model, "the only built-in model is tfidf")
+        check(self.max_train_examples is None or self.max_train_examples >= 1, "max_train_examples",
+              self.max_train_examples, "must be at least 1")
+        check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        check(self.lr > 0, "lr", self.lr, "must be positive")
 
 
 def tweeteval(cfg: TweetEvalConfig) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tweetlm.errors import UserError
+from tweetlm.errors import ConfigError, UserError
 from tweetlm.model.llama import Llama, ModelConfig
 from tweetlm.model.weights import load_model, save_model
 from tweetlm.tokenizer.bpe import Tokenizer, adopt
@@ -223,7 +223,7 @@ def _model_config(hf: dict) -> ModelConfig:
             tie_embeddings=hf.get("tie_word_embeddings", False))
     except KeyError as e:
         raise UserError(f"config.json has no {e.args[0]}: is it a complete {kind} config?") from None
-    except ValueError as e:
+    except ConfigError as e:
         raise UserError(f"config.json describes a shape tweetlm refuses: {e}") from None
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tweetlm.errors import check
+
 IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, prompt tokens in SFT)
 
 
@@ -36,14 +38,13 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "depth", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} = {value!r}: must be a positive integer")
-        if self.dim % self.n_heads:
-            raise ValueError(f"model.dim = {self.dim} is not divisible by model.n_heads = {self.n_heads}: pick heads that divide the width")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads = {self.n_heads} is not a multiple of model.n_kv_heads = {self.n_kv_heads}: each kv head serves a whole group of query heads")
-        if self.head_dim % 2:
-            raise ValueError(f"head dim {self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+            check(isinstance(value, int) and value >= 1, f"model.{name}", value, "must be a positive integer")
+        check(self.dim % self.n_heads == 0, "model.dim", self.dim,
+              f"not divisible by model.n_heads = {self.n_heads}: pick heads that divide the width")
+        check(self.n_heads % self.n_kv_heads == 0, "model.n_heads", self.n_heads, f"not a multiple of model.n_kv_heads = "
+              f"{self.n_kv_heads}: each kv head serves a whole group of query heads")
+        check(self.head_dim % 2 == 0, "model.dim", self.dim, f"gives an odd head dim {self.head_dim} (dim / n_heads): "
+              "rotary embeddings need an even one")
 
     @property
     def head_dim(self) -> int:

@@ -6,6 +6,7 @@ to a multiple of 64 (the parameter count of a 4x GELU MLP, Shazeer 2020). Preset
 explicit overrides where a well-known shape is the point (the Llama 3.2 1B and Llama 3 8B shapes).
 """
 
+from tweetlm.errors import check
 from tweetlm.model.llama import ModelConfig
 
 ASPECT_RATIO = 64
@@ -26,8 +27,7 @@ def _round_up(x: float, multiple: int) -> int:
 
 def config_from_depth(depth: int, *, vocab_size: int, max_seq_len: int = 1024, **overrides) -> ModelConfig:
     """The default shape at this depth; any ModelConfig field can be overridden by keyword."""
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth = {depth!r}: must be a positive integer")
+    check(isinstance(depth, int) and depth >= 1, "model.depth", depth, "must be a positive integer")
     dim = overrides.pop("dim", ASPECT_RATIO * depth)
     n_heads = overrides.pop("n_heads", dim // (128 if dim >= 2048 else 64) or 1)
     n_kv_heads = overrides.pop("n_kv_heads", n_heads // 4 if n_heads % 4 == 0 else n_heads // 2 if n_heads % 2 == 0 else n_heads)
@@ -37,8 +37,7 @@ def config_from_depth(depth: int, *, vocab_size: int, max_seq_len: int = 1024, *
 
 
 def preset(name: str, *, vocab_size: int, max_seq_len: int = 1024) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    check(name in PRESETS, "model.preset", name, f"choose one of {', '.join(PRESETS)}")
     depth, overrides = PRESETS[name]
     return config_from_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len, **overrides)
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tweetlm.errors import UserError, check
+from tweetlm.errors import ConfigError, UserError, check
 from tweetlm.model.llama import ModelConfig
 from tweetlm.model.sizing import PRESETS, config_from_depth, flops_per_token, num_params, preset
 from tweetlm.plan.accelerators import Accelerator, accelerator
@@ -229,7 +229,7 @@ def _nearest_depth(n: float, vocab: int, seq_len: int) -> ModelConfig:
     for depth in range(1, _MAX_DEPTH + 1):
         try:
             cfg = config_from_depth(depth, vocab_size=vocab, max_seq_len=seq_len)
-        except ValueError:
+        except ConfigError:  # a depth whose heads do not divide the width
             continue
         gap = math.log(num_params(cfg) / n)
         if abs(gap) < best_gap:

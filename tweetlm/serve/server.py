@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.serve.app import ServeLimits, create_app
 from tweetlm.serve.grounding import GroundingConfig
 
@@ -34,10 +34,8 @@ class ServeConfig:
     log_level: str = "info"
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536:
-            raise UserError(f"--port {self.port}: must be in 0..65535")
-        if self.max_batch_size < 1:
-            raise UserError(f"--max-batch-size {self.max_batch_size}: must be at least 1")
+        check(0 <= self.port < 65536, "port", self.port, "must be in 0..65535")
+        check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("the API key is empty: give a non-empty key or none")
         if self.grounding.default and self.index is None:

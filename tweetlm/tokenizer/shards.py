@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tweetlm.artifacts.files import write_text
 from tweetlm.data.corpus import SPLITS, shard_paths
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.tokenizer.bpe import Tokenizer
 
 
@@ -40,10 +40,8 @@ class TokenizeConfig:
     shard_tokens: int = 100_000_000
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {self.workers}")
-        if self.shard_tokens < 1:
-            raise UserError(f"shard_tokens must be at least 1, got {self.shard_tokens}")
+        check(self.workers >= 1, "workers", self.workers, "must be at least 1")
+        check(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
 
 
 @dataclass(frozen=True)

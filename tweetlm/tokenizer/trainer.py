@@ -15,7 +15,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from tweetlm.data.corpus import iter_texts, shard_paths
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
@@ -31,11 +31,9 @@ class TokenizerConfig:
     max_chars: int = 2_000_000_000
 
     def __post_init__(self):
-        if self.vocab_size < _MIN_VOCAB:
-            raise UserError(f"--vocab-size {self.vocab_size} is too small: byte-level BPE needs at least "
-                            f"{_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-        if self.max_chars < 1:
-            raise UserError(f"max_chars must be positive, got {self.max_chars}")
+        check(self.vocab_size >= _MIN_VOCAB, "vocab_size", self.vocab_size, f"too small: byte-level BPE needs at least "
+              f"{_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        check(self.max_chars >= 1, "max_chars", self.max_chars, "must be positive")
 
 
 def train_tokenizer(config: TokenizerConfig) -> Tokenizer:

@@ -37,12 +37,10 @@ class ModelSpec:
         check(self.seq_len >= 8, "model.seq_len", self.seq_len, "must be at least 8")
 
     def resolve(self, *, vocab_size: int) -> ModelConfig:
-        try:
-            if self.depth is not None:
-                return config_from_depth(self.depth, vocab_size=vocab_size, max_seq_len=self.seq_len)
-            return preset(self.preset or "tiny", vocab_size=vocab_size, max_seq_len=self.seq_len)
-        except ValueError as e:  # a shape the model refuses, e.g. heads that do not divide the width
-            raise UserError(f"[model] {e}") from None
+        """The model's shape (ModelConfig refuses, with a ConfigError naming the field, one it cannot compute)."""
+        if self.depth is not None:
+            return config_from_depth(self.depth, vocab_size=vocab_size, max_seq_len=self.seq_len)
+        return preset(self.preset or "tiny", vocab_size=vocab_size, max_seq_len=self.seq_len)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -41,7 +41,7 @@ from tweetlm.artifacts.checkpoint import best_checkpoint, run_folder
 from tweetlm.artifacts.files import write_text
 from tweetlm.artifacts.runs import read_metrics
 from tweetlm.data.split import assign_split
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.spec import path_and_number
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.chat import render_chat_with_mask
@@ -91,8 +91,7 @@ class SftConfig:
             raise UserError("no conversations: give at least one --data FILE[:WEIGHT]")
         if self.val is not None and self.val_ratio is not None:
             raise UserError("give --val FILE or --val-ratio R, not both: --val holds out that whole file instead")
-        if self.val_ratio is not None and not 0 < self.val_ratio < 1:
-            raise UserError(f"--val-ratio {self.val_ratio}: must be between 0 and 1, e.g. 0.05")
+        check(self.val_ratio is None or 0 < self.val_ratio < 1, "val_ratio", self.val_ratio, "must be between 0 and 1, e.g. 0.05")
 
     @property
     def held_out(self) -> float:

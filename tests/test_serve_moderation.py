@@ -11,7 +11,7 @@ from helpers import LONG, _client, _raw, _status_error, live_server
 
 from tweetlm.artifacts.safety import SafetyClassifier
 from tweetlm.cli import main
-from tweetlm.serve.schemas import MODERATION_CATEGORIES
+from tweetlm.serve.moderation import MODERATION_CATEGORIES
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval"
 

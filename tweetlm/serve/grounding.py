@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from fastapi import Query
 
 from tweetlm.data.post import Post
-from tweetlm.errors import UserError
+from tweetlm.errors import UserError, check
 from tweetlm.search.ground import Citations, posts_message
 from tweetlm.search.index import parse_since
 from tweetlm.serve.schemas import MAX_GROUNDING_K, APIError, PostsRequest
@@ -49,10 +49,8 @@ class GroundingConfig:
     tokens: int = 1024  # most prompt tokens the posts may take (--ground-tokens); a short context allows fewer
 
     def __post_init__(self):
-        if not 1 <= self.k <= MAX_GROUNDING_K:
-            raise UserError(f"--ground-k {self.k}: must be in 1..{MAX_GROUNDING_K}")
-        if self.tokens < 1:
-            raise UserError(f"--ground-tokens {self.tokens}: must be at least 1")
+        check(1 <= self.k <= MAX_GROUNDING_K, "k", self.k, f"must be in 1..{MAX_GROUNDING_K}")
+        check(self.tokens >= 1, "tokens", self.tokens, "must be at least 1")
 
 
 def _public(post: dict) -> dict:
@@ -116,7 +114,7 @@ class Grounded:
         return dataclasses.replace(delta, text=text)
 
     def check(self, choices: list) -> None:
-        """Whole choices (app._Choice): each text checked in place."""
+        """Whole choices (wire.Choice): each text checked in place."""
         if self.posts is not None:
             for i, choice in enumerate(choices):
                 choice.text = self._settle(i, choice.text)

@@ -1,14 +1,13 @@
-"""The OpenAI wire format: request bodies (validated by pydantic) and the response objects, as plain dicts.
+"""The OpenAI wire format of requests: the bodies (validated by pydantic), and the error object any route answers.
 
 Requests follow OpenAI's field names, defaults and ranges (platform.openai.com/docs/api-reference), plus
 `top_k` as vLLM has it (0 or -1: off), and chat's `grounding` fields (serve/grounding.py). A field sent as
 null takes its default, as OpenAI does. Other OpenAI fields are ignored, except those that would change the
 answer and are not built (tools, functions, response_format, logit_bias, suffix): those are refused rather
-than silently dropped. POST /v1/posts (tweetlm's own) is validated here too.
+than silently dropped. POST /v1/posts (tweetlm's own) is validated here too. Responses are built in serve/wire.py.
 """
 
 import time
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator,
@@ -204,15 +203,7 @@ class PostsRequest(BaseModel):
         return self
 
 
-# ---------------------------------------------------------------- responses
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
+# ---------------------------------------------------------------- errors
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -229,64 +220,3 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.headers = status, headers
         self.body = error_body(message, type=type, param=param, code=code)
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def model_list(model_name: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "tweetlm"}]}
-
-
-# OpenAI's moderation categories (platform.openai.com/docs/api-reference/moderations). tweetlm's classifier gives
-# one score, toxicity, trained on OffensEval (offensive: insults, threats, profanity) and HatEval (hate against
-# immigrants and women): it fills harassment and hate, the two categories those sets cover; the others are
-# not measured, so they read false and 0.0 and list no applied input type.
-MODERATION_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
-                         "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
-                         "violence/graphic")
-MODERATED = ("harassment", "hate")
-MODERATION_MODEL = "tweetlm-safety"
-
-
-def moderation(scores: list[float], threshold: float) -> dict:
-    """OpenAI's moderation object, one result per input (flagged at score >= threshold)."""
-    results = []
-    for score in scores:
-        flagged = score >= threshold
-        results.append({
-            "flagged": flagged,
-            "categories": {c: flagged and c in MODERATED for c in MODERATION_CATEGORIES},
-            "category_scores": {c: score if c in MODERATED else 0.0 for c in MODERATION_CATEGORIES},
-            "category_applied_input_types": {c: ["text"] if c in MODERATED else [] for c in MODERATION_CATEGORIES},
-        })
-    return {"id": new_id("modr"), "model": MODERATION_MODEL, "results": results}
-
-
-def _token_bytes(text: str) -> list[int] | None:
-    # a token that is part of a UTF-8 character decodes to U+FFFD alone: its bytes are unknown here (null, as OpenAI allows)
-    return None if "\ufffd" in text else list(text.encode())
-
-
-def chat_logprobs(entries: list, decode) -> list[dict]:
-    """OpenAI's chat `logprobs.content`: one entry per token with its top alternatives.
-    `entries` are the engine's TokenLogprob; `decode(id) -> str`."""
-    out = []
-    for e in entries:
-        token = decode(e.token_id)
-        top = [{"token": (t := decode(i)), "logprob": lp, "bytes": _token_bytes(t)} for i, lp in e.top]
-        out.append({"token": token, "logprob": e.logprob, "bytes": _token_bytes(token), "top_logprobs": top})
-    return out
-
-
-def completion_logprobs(entries: list, decode, offset: int) -> dict:
-    """OpenAI's legacy completions `logprobs`: parallel lists, `text_offset` counted from `offset`."""
-    tokens = [decode(e.token_id) for e in entries]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{decode(i): lp for i, lp in e.top} for e in entries], "text_offset": offsets}

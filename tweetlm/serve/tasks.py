@@ -25,8 +25,9 @@ from tweetlm.artifacts.prompts import check_hashtags, reply_messages, summarize_
 from tweetlm.errors import UserError
 from tweetlm.infer import tasks
 from tweetlm.infer.engine import SamplingParams
-from tweetlm.serve import schemas
-from tweetlm.serve.schemas import APIError, Sampling
+from tweetlm.serve import wire
+from tweetlm.serve.guard import client_gone, timeout_error
+from tweetlm.serve.schemas import Sampling
 
 TASK_ROUTES = ("/v1/compose", "/v1/reply", "/v1/summarize")
 
@@ -81,8 +82,8 @@ class SummarizeRequest(_TaskRequest):
 
 
 def add_task_routes(app, service, guarded: list) -> None:
-    """POST /v1/compose, /v1/reply and /v1/summarize on `app`, over create_app's service (engine, tokenizer,
-    limits, metrics, moderation), behind the API key."""
+    """POST /v1/compose, /v1/reply and /v1/summarize on `app`, over create_app's service (its engine, tokenizer,
+    limits and moderation, and its model check), behind the API key."""
 
     @app.post("/v1/compose", dependencies=guarded)
     async def compose(body: ComposeRequest, http: Request):
@@ -108,17 +109,14 @@ async def _answer(service, http: Request, body: _TaskRequest, task: str, texts: 
     client leaves (499, unanswered) or the deadline passes (408); in the last two cases `cancel` stops it."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    if body.model != service.model_name:
-        raise APIError(404, f"The model `{body.model}` does not exist: this server has `{service.model_name}`",
-                       param="model", code="model_not_found")
-    if service.moderation is not None:
-        await service.moderation.check_input([t for t in texts if t], param)
+    service.check_model(body)
+    await service.moderation.check_input([t for t in texts if t], param)
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                             top_k=max(body.top_k, 0), seed=body.seed, stop=tuple(body.stop),
                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
     cancel = threading.Event()
     work = asyncio.create_task(asyncio.to_thread(write, params, cancel))
-    gone = asyncio.create_task(_client_gone(http))
+    gone = asyncio.create_task(client_gone(http))
     try:
         done, _ = await asyncio.wait({work, gone}, timeout=max(0.0, start + service.limits.request_timeout - loop.time()),
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -130,15 +128,9 @@ async def _answer(service, http: Request, body: _TaskRequest, task: str, texts: 
     if work not in done:
         if gone in done:
             return Response(status_code=499)  # nginx's "client closed request", as the OpenAI routes
-        raise service.timeout()
+        raise timeout_error(service.limits)
     text, finish = work.result(), "stop"
-    if service.moderation is not None and await service.moderation.flagged(text):
-        service.metrics.refused["output"] += 1
+    if await service.moderation.withholds(text):
         text, finish = None, "content_filter"
-    return {"id": schemas.new_id("task"), "object": "task.completion", "created": schemas.now(),
+    return {"id": wire.new_id("task"), "object": "task.completion", "created": wire.now(),
             "model": service.model_name, "task": task, "text": text, "finish_reason": finish}
-
-
-async def _client_gone(http: Request) -> None:
-    while (await http.receive())["type"] != "http.disconnect":
-        pass

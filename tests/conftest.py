@@ -12,6 +12,7 @@ from helpers import CONTEXT, DATA, LONG, POSTS, _real_posts, live_server
 
 from tweetlm.data.corpus import SPLITS, ShardWriter
 from tweetlm.data.post import POST_FIELDS
+from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
@@ -42,6 +43,12 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(TokenizerConfig(corpus=small_corpus, out=out, vocab_size=1000))
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(small_tokenizer):
+    """small_tokenizer loaded."""
+    return Tokenizer.load(small_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,8 @@ from tweetlm.infer.generate import GenerateConfig, generate
 from tweetlm.infer.sampling import penalize, sample
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import config_from_depth, preset
-from tweetlm.tokenizer.bpe import Tokenizer
 
 POSTS = (DATA / "tweeteval" / "emotion" / "train_text.txt").read_text(encoding="utf-8").splitlines()[:200]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(small_tokenizer) -> Tokenizer:
-    return Tokenizer.load(small_tokenizer)
 
 
 def _tiny(cfg) -> Llama:

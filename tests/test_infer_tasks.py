@@ -19,16 +19,10 @@ from tweetlm.infer.engine import Delta, Engine, SamplingParams
 from tweetlm.infer.tasks import TaskConfig, compose, posts, reply, summarize
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import preset
-from tweetlm.tokenizer.bpe import Tokenizer
 
 SEEDS = 50
 # words no post may hold: placeholders, mentions, links, control characters (not whitespace), U+FFFD
 DROPPED = re.compile(r"@user|http|(?<![\w@])@\w|\bwww\.|[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufffd]")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(small_tokenizer) -> Tokenizer:
-    return Tokenizer.load(small_tokenizer)
 
 
 def _tags(words) -> set[str]:

@@ -71,6 +71,8 @@ def _default(config: str, dest: str):
     """The default of the (dotted) field `dest` of dataclass `config` ("module.Class"), or of the keyword `dest` of
     function `config` ("module.Class.method"); None if there is none."""
     value = _class(config)
+    if hasattr(value, "flag_default"):  # a verb whose flags mean more than its fields (sft: TrainConfig keys)
+        return value.flag_default(dest)
     if not dataclasses.is_dataclass(value):
         found = inspect.signature(value).parameters.get(dest)
         return None if found is None or found.default is inspect.Parameter.empty else found.default
@@ -281,7 +283,7 @@ def _add_train(sub):
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time; "
                    "the LR schedule then follows time (with --steps too: whichever ends first)")
     p.add_argument("--seed", type=int, help="seed of weights, data order and samples")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when there is one")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda when there is one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: replicate the model (ddp, the default) "
                    "or shard it (fsdp, FSDP2; needs --set optim.name=adamw); see docs/distributed.md")
@@ -310,13 +312,13 @@ def _add_sft(sub):
                    help="conversations, JSONL of {\"messages\": [...]} as `data threads` writes (repeatable); files "
                    "are mixed in proportion to their weights (default 1)")
     p.add_argument("--out", type=Path, required=True, metavar="RUN", help="the new run folder")
-    p.add_argument("--steps", type=int, help="stop after this many optimizer steps (default 300, sft.DEFAULTS)")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time "
                    "(with --steps too: whichever ends first)")
     p.add_argument("--val-ratio", type=float, metavar="R", help="share of each --data file held out to measure "
-                   "bits-per-byte, by a hash of its conversation_id or thread_id (default 0.05)")
+                   "bits-per-byte, by a hash of its conversation_id or thread_id")
     p.add_argument("--val", type=Path, metavar="FILE", help="held-out conversations instead of --val-ratio")
-    p.add_argument("--seed", type=int, help="seed of the data order and mix (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the data order and mix")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint, with its config.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any `train` config key, e.g. --set optim.lr=0.01 --set device=cpu (repeatable)")

@@ -93,6 +93,14 @@ class SftConfig:
             raise UserError("give --val FILE or --val-ratio R, not both: --val holds out that whole file instead")
         check(self.val_ratio is None or 0 < self.val_ratio < 1, "val_ratio", self.val_ratio, "must be between 0 and 1, e.g. 0.05")
 
+    @staticmethod
+    def flag_default(name: str):
+        """What a flag of `tweetlm sft` left out means: val_ratio, or a TrainConfig key (steps, seed ...) as DEFAULTS
+        or TrainConfig has it."""
+        if name == "val_ratio":
+            return DEFAULT_VAL_RATIO
+        return DEFAULTS.get(name, getattr(TrainConfig, name, None))
+
     @property
     def held_out(self) -> float:
         """The share of each --data file held out for val."""

@@ -4,7 +4,7 @@
 
 Two stages (CORPUS/ layout in tweetlm/data/corpus.py, formats in readers.py):
 1. Per input file, in `workers` processes (in this one for --workers 1): read, normalize and
-   filter each post (repost, length, spam, language, and toxic with --drop-toxic: tweetlm/eval/safety.py,
+   filter each post (repost, length, spam, language, and toxic with --drop-toxic: tweetlm/artifacts/safety.py,
    in batches), hash its text, MinHash it, pick its split.
    The survivors go to a temporary Arrow file per input (CORPUS/.prepare-tmp/), so memory does
    not grow with the size of a file.

@@ -2,7 +2,7 @@
 
     tweetlm compose runs/chat --topic 'the garage' --hashtag DIY --seed 1
 
-Each renders its task's messages (tweetlm/data/tasks.py, the prompts the training data uses) with the chat
+Each renders its task's messages (tweetlm/artifacts/prompts.py, the prompts the training data uses) with the chat
 template, streams the model's reply and keeps the post that `clip` makes of it. What holds whatever the model
 writes, an untrained one included:
 - at most 280 characters (Python str characters), cut only at whitespace: no word, emoji ZWJ sequence, flag or

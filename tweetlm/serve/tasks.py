@@ -33,7 +33,7 @@ TASK_ROUTES = ("/v1/compose", "/v1/reply", "/v1/summarize")
 
 
 def _checked(check, value):
-    """data/tasks.py's check as a pydantic field check: its UserError becomes a 400 naming the field."""
+    """artifacts/prompts.py's check as a pydantic field check: its UserError becomes a 400 naming the field."""
     try:
         return check(value)
     except UserError as e:

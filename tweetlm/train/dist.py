@@ -1,7 +1,8 @@
-"""The process's place in a run: process group, device, precision, seed, model wrapping, rank helpers, peak FLOPs.
+"""The process's place in a run: process group, its device, seed, model wrapping, rank helpers, peak FLOPs.
 
-The only module that reads torchrun's environment variables (RANK, LOCAL_RANK, WORLD_SIZE) or touches process
-groups (checkpoint.py writes sharded checkpoints with torch.distributed.checkpoint), so the loop and the model
+The only module that reads torchrun's environment variables (RANK, LOCAL_RANK, WORLD_SIZE) or starts process
+groups (artifacts/checkpoint.py writes sharded checkpoints with torch.distributed.checkpoint in the group it finds;
+tweetlm/device.py resolves devices and autocast for every verb), so the loop and the model
 never know how many processes there are:
 
     python -m tweetlm train ...                                   one process, no process group

@@ -10,7 +10,7 @@ forward/backward, clip, step, log. The run folder RUN/ holds:
     config.toml     the resolved TrainConfig (written before step 0; `--resume` reads it back)
     env.json        git commit, package versions, device, command line
     tokenizer.json  the tokenizer, so RUN/ alone is enough for generate and eval
-    checkpoints/    step-NNNNNN/ (see checkpoint.py): the last K and the best
+    checkpoints/    step-NNNNNN/ (tweetlm/artifacts/checkpoint.py): the last K and the best
     metrics.jsonl   one line per log step {step, loss, lr, grad_norm, tokens, tok_per_s, mfu, time} and per
                     evaluation {step, tokens, val_loss, val_bpb}
     loss.png        train and val loss by step, redrawn at each evaluation

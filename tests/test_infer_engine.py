@@ -243,6 +243,34 @@ def test_logprobs_in_openai_shape_and_equal_to_a_full_forward(model, tokenizer):
     assert all(lp.top == [] for lp in hot.logprobs)
 
 
+def test_prompt_logprobs_score_every_prompt_token_as_a_full_forward(model, tokenizer):
+    """prompt_logprobs: each prompt token's logprob given those before it, across prefill chunks, the same beside
+    other requests, and max_tokens 0 scores without generating (what echo + logprobs of /v1/completions needs)."""
+    prompt = _prompt(tokenizer, *POSTS[20:70])[:2 * PREFILL_CHUNK + 17]  # three chunks
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0].log_softmax(-1)  # [T, V]: row t predicts token t + 1
+    with Engine(model, tokenizer) as engine:
+        others = [engine.submit(_prompt(tokenizer, post), SamplingParams(max_tokens=20, temperature=0))
+                  for post in POSTS[:5]]
+        scored = engine.submit(prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
+        out = _collect(scored)
+        beside = scored.prompt_logprobs
+        alone = engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0))
+        alone_out = _collect(alone)
+        for r in others:
+            _collect(r)
+    assert out.tokens == [] and out.finish == "length" and scored.completion_tokens == 0
+    assert beside[0] is None and len(beside) == len(prompt)
+    for t, lp in enumerate(beside[1:], start=1):
+        assert lp.token_id == prompt[t]
+        assert lp.logprob == pytest.approx(full[t - 1, prompt[t]].item(), abs=1e-4)
+        assert [i for i, _ in lp.top] == full[t - 1].topk(3).indices.tolist()
+    assert [lp.logprob for lp in alone.prompt_logprobs[1:]] == [lp.logprob for lp in beside[1:]]  # the same bits
+    assert all(lp.top == [] for lp in alone.prompt_logprobs[1:]) and len(alone_out.tokens) == 2
+    with pytest.raises(UserError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
 @pytest.mark.parametrize("overrides", [dict(qk_norm=True, tie_embeddings=False), dict(n_kv_heads=1)])
 def test_engine_decoding_equals_full_recomputation(tokenizer, overrides):
     """The engine's forward (fused, packed, cached) against Llama.forward over the whole sequence, on the

@@ -74,6 +74,8 @@ class Request:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0  # counted as the engine queues this request's Deltas
         self.params = params
+        # with params.prompt_logprobs: one per prompt token (None for the first), set before the first Delta
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._cancel = cancel  # the engine's: flags this request for its next step, or takes it off the queue
         # between the two threads
         self._finished = False  # the last item is queued
@@ -171,6 +173,18 @@ class _Sequence:
         self.counts = torch.zeros(vocab_size, device=device) if params.penalized else None  # [V] sampled so far
         self.text = _TextStream(tokenizer, params.stop) if tokenizer is not None else None
         self.end_ids = set(params.stop_token_ids) | ({tokenizer.boundary_id} if tokenizer is not None else set())
+        self.prompt_scores = [None] if params.prompt_logprobs is not None else None  # the first token has no context
+
+    def score(self, logits: torch.Tensor) -> None:
+        """Score the prompt tokens that the logits [n, V] of the chunk just fed (from position `cached`) predict:
+        row j, at position cached + j, predicts the token at cached + j + 1 (the last row of the last chunk
+        predicts the first sample, not a prompt token)."""
+        targets = self.ids[self.cached + 1:self.cached + 1 + len(logits)]
+        logp = logits[:len(targets)].log_softmax(dim=-1)  # [T, V]
+        chosen = logp.gather(1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None]).squeeze(1).tolist()
+        top_values, top_ids = logp.topk(self.request.params.prompt_logprobs, dim=-1)  # [T, k]
+        for token, lp, ids, values in zip(targets, chosen, top_ids.tolist(), top_values.tolist()):
+            self.prompt_scores.append(TokenLogprob(token, lp, list(zip(ids, values))))
 
     def append(self, token: int, logprob: TokenLogprob | None) -> Delta:
         """Take a sampled token, return its Delta (finish_reason set when this one ends the request)."""
@@ -336,11 +350,26 @@ class Engine:
                 prefill += n
             rows.append((s, n))
         tokens = torch.tensor([t for s, n in rows for t in s.ids[s.cached:s.cached + n]], device=self._device)
-        batch = Batch(self._cache, [s.slot for s, _ in rows], [s.cached for s, _ in rows], [n for _, n in rows])
-        logits = self._runner.forward(tokens, batch, self._cache)  # [R, V]
-        for s, n in rows:
+        scoring = [s.prompt_scores is not None and s.cached < s.request.prompt_tokens for s, _ in rows]
+        batch = Batch(self._cache, [s.slot for s, _ in rows], [s.cached for s, _ in rows], [n for _, n in rows],
+                      every=scoring)
+        logits = self._runner.forward(tokens, batch, self._cache)  # [M, V]
+        for (s, n), end, scored in zip(rows, batch.ends, scoring):
+            if scored:
+                s.score(logits[end - n + 1:end + 1])
             s.cached += n
+        if batch.outputs is not None:
+            logits = logits[batch.ends]  # [R, V] each row's last token
         ready = [i for i, (s, _) in enumerate(rows) if s.cached == len(s.ids)]  # the rest are mid-prompt
+        for i in ready:
+            if (s := rows[i][0]).prompt_scores is not None and s.request.prompt_logprobs is None:
+                s.request.prompt_logprobs = s.prompt_scores  # before its first Delta is queued
+        scored_only = [i for i in ready if rows[i][0].request.params.max_tokens == 0]
+        if scored_only:
+            with self._cond:
+                for i in scored_only:
+                    self._release(rows[i][0], Delta("", [], [], "length"))
+            ready = [i for i in ready if i not in scored_only]
         if ready:
             seqs = [rows[i][0] for i in ready]
             next_ids, logprobs = _choose(logits[ready] if len(ready) < len(rows) else logits, seqs)

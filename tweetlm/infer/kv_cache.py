@@ -47,21 +47,24 @@ class KVCache:
 
 class Batch:
     """The rows of one forward and what all its layers share, built once per step: row i feeds lengths[i] new
-    tokens to the sequence in cache slot slots[i], which holds starts[i] tokens already."""
+    tokens to the sequence in cache slot slots[i], which holds starts[i] tokens already. Logits come out for each
+    row's last token, and for every token of the rows where every[i] (a prompt being scored)."""
 
-    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int]):
+    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int],
+                 every: list[bool] | None = None):
         assert len(slots) == len(starts) == len(lengths) and min(lengths) >= 1, (slots, starts, lengths)
         device = cache.k.device
         self.lengths = lengths
-        positions, token_slots, last = [], [], []
-        for slot, start, n in zip(slots, starts, lengths):
+        positions, token_slots, outputs, self.ends = [], [], [], []
+        for slot, start, n, all_tokens in zip(slots, starts, lengths, every or [False] * len(slots)):
+            outputs += range(len(positions), len(positions) + n) if all_tokens else [len(positions) + n - 1]
+            self.ends.append(len(outputs) - 1)  # [R] where each row's last token is among the logits
             positions += range(start, start + n)
             token_slots += [slot] * n
-            last.append(len(positions) - 1)
         self.positions = torch.tensor(positions, device=device)  # [N] each token's position in its sequence
         self.token_slots = torch.tensor(token_slots, device=device)  # [N] each token's cache slot
-        # [R] each row's last token; None when every row feeds one token (decoding), so all of them are last
-        self.last = None if len(last) == len(positions) else torch.tensor(last, device=device)
+        # [M] the tokens whose logits are needed; None when that is every token (decoding: one token a row)
+        self.outputs = None if len(outputs) == len(positions) else torch.tensor(outputs, device=device)
         self.cos = cache.cos[self.positions][:, None, :]  # [N, 1, Hd], broadcast over heads
         self.sin = cache.sin[self.positions][:, None, :]
         # each row's keys and values, new tokens included, as one view [1, K, start + n, Hd] per layer

@@ -16,7 +16,8 @@ What differs from Llama.forward, and why (measured on the small preset, 2-core C
   20,000 values), and which loop a value meets depends on where a multi-threaded kernel splits the tensor,
   i.e. on the batch (a hazard; no test caught it here). exp, division and the other elementwise ops used
   here agree bitwise in both loops (200,000 values).
-- Only each row's last token goes through the output head (a 256-token prompt chunk needs one row of logits).
+- Only each row's last token goes through the output head (a 256-token prompt chunk needs one row of logits),
+  unless the prompt is being scored (SamplingParams.prompt_logprobs).
 """
 
 import torch
@@ -63,7 +64,8 @@ class Runner:
         return F.linear(x, w)
 
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
-        """tokens [N] (the rows' new tokens, flat) -> logits [R, V] fp32 at each row's last token. Call it under
+        """tokens [N] (the rows' new tokens, flat) -> logits [M, V] fp32 at batch.outputs (each row's last token,
+        every token of a scored prompt; batch.ends[i] is row i's last). Call it under
         torch.inference_mode() (the engine's thread runs in it). Shapes: N tokens, R rows, D dim, H query heads,
         K kv heads, Hd head dim."""
         cfg = self.config
@@ -80,7 +82,7 @@ class Runner:
             x += self._linear(cache.attend(i, q, k, v, batch), layer["wo"])
             gate, up = self._linear(F.rms_norm(x, (cfg.dim,), layer["mlp_norm"], eps), layer["w13"]).chunk(2, dim=-1)
             x += self._linear(gate / (1 + torch.exp(-gate)) * up, layer["w2"])  # SiLU(gate) * up
-        if batch.last is not None:  # only the rows' last tokens need logits
-            x = x[batch.last]  # [R, D]
+        if batch.outputs is not None:  # only the rows' last tokens (and scored prompts) need logits
+            x = x[batch.outputs]  # [M, D]
         x = F.rms_norm(x, (cfg.dim,), self.norm, eps)
-        return self._linear(x, self.head).float()  # [R, V]
+        return self._linear(x, self.head).float()  # [M, V]

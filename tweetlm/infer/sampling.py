@@ -29,11 +29,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the request ends before them, they are not returned
     stop_token_ids: tuple[int, ...] = ()  # end the request too (besides <|endoftext|>), e.g. <|end|> for chat
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k likeliest (k <= 20)
+    # None: none; k: each prompt token's logprob given the tokens before it, and the k likeliest there (the first
+    # token has none: Request.prompt_logprobs[0] is None). With it, max_tokens may be 0: score, generate nothing.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))  # lists from JSON are welcome
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be an integer >= 1")
+        check(_is_int(self.max_tokens) and self.max_tokens >= (0 if self.prompt_logprobs is not None else 1), "max_tokens",
+              self.max_tokens, "must be an integer >= 1 (0 only to score a prompt)")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf, "temperature",
               self.temperature, "must be a number >= 0 (0 is greedy)")
         check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
@@ -45,8 +49,10 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
               "must be token ids >= 0")
-        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
-              self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
+                  f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def penalized(self) -> bool:

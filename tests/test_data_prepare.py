@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -213,3 +214,23 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys):
     # the library names the config field, the CLI the flag that sets it
     assert main(["data", "prepare", str(V2 / "kpop.jsonl"), "--out", str(tmp_path / "c"), "--near-dup", "1.5"]) == 2
     assert capsys.readouterr().err == "tweetlm: error: --near-dup 1.5: must be in [0, 1); 0 turns it off\n"
+
+
+def test_a_lone_surrogate_is_one_malformed_record_and_special_files_are_skipped_with_why(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    bad = '{"id": "s\\ud800", "text": "a post long enough to be kept"}\n'  # valid JSON, but no UTF-8 can hold that id
+    (inputs / "x.jsonl").write_text(bad + (V2 / "flat.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    os.mkfifo(inputs / "pipe.jsonl")
+    (inputs / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    assert main(["data", "prepare", str(inputs), "--out", str(tmp_path / "corpus")]) == 0
+    report = json.loads((tmp_path / "corpus" / "report.json").read_text())
+    assert report["invariant_ok"] and report["dropped"]["malformed"] == 1 and report["kept"] > 50
+    (example,) = report["malformed_examples"]
+    assert (example["file"], example["line"]) == (str(inputs / "x.jsonl"), 1) and "surrogate" in example["error"]
+    why = {Path(s["file"]).name: s["why"] for s in report["skipped"]}
+    assert set(why) == {"pipe.jsonl", "gone.jsonl"} and "named pipe" in why["pipe.jsonl"]
+    capsys.readouterr()
+    assert main(["data", "prepare", str(inputs / "pipe.jsonl"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tweetlm: error: ") and len(err.strip().splitlines()) == 1 and "named pipe" in err, err

@@ -3,13 +3,21 @@
 import bz2
 import gzip
 import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from tweetlm.data.post import Post
-from tweetlm.data.readers import NON_POST, Dropped, detect, read
+from tweetlm.data.readers import NON_POST, Dropped, detect, post_files, read
+from tweetlm.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 V2 = SHARED / "twitter-api-v2"
@@ -171,3 +179,148 @@ def test_bad_json_line_and_invalid_utf8_are_malformed_with_their_line(tmp_path):
 
 def test_an_empty_file_is_one_malformed_record():
     assert [(r.reason, r.detail) for r in _read(V2 / "empty.json")] == [("malformed", "empty file")]
+
+
+LONE = "\ud800"  # half a surrogate pair: valid JSON ("\\ud800"), but no UTF-8 can hold it
+
+
+def _plain_posts(n: int) -> list[dict]:
+    """Real posts of flat.jsonl that carry no inline referenced posts (one post per line)."""
+    rows = [json.loads(line) for line in (V2 / "flat.jsonl").read_text().splitlines()]
+    return [t for t in rows if "referenced_tweets" not in t][:n]
+
+
+def _malformed(records) -> list[tuple[str, str]]:
+    return [(r.source.rsplit(":", 1)[1], r.detail) for r in records if isinstance(r, Dropped)]
+
+
+@pytest.mark.parametrize("field", ["id", "text", "author_id", "conversation_id", "lang", "created_at", "in_reply_to_id"])
+def test_a_lone_surrogate_in_any_field_is_malformed_with_its_line_and_field(tmp_path, field):
+    first, bad, last = _plain_posts(3)
+    if field == "in_reply_to_id":
+        bad["referenced_tweets"] = [{"type": "replied_to", "id": "1" + LONE}]
+    else:
+        bad[field] = (bad.get(field) or "x") + LONE
+    path = tmp_path / "posts.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in (first, bad, last)))  # json.dumps escapes it: "\\ud800"
+    records = _read(path)
+    (line, why), = _malformed(records)
+    assert line == "2" and field in why and "surrogate" in why
+    assert [r.id for r in records if isinstance(r, Post)] == [first["id"], last["id"]]
+
+
+def test_a_lone_surrogate_or_a_nul_costs_only_its_record_in_every_format(tmp_path):
+    a, b, c = _plain_posts(3)
+    texts = (SHARED / "tweeteval/irony/val_text.txt").read_text(encoding="utf-8").splitlines()[:3]
+
+    def v1(t, **kw):
+        return {"id_str": t["id"], "full_text": t["text"], "user": {"id_str": t["author_id"]}, "lang": t["lang"], **kw}
+
+    jsonl = lambda *objs: "".join(json.dumps(o) + "\n" for o in objs).encode()
+    cases = {  # file: (bytes, [(record, field) of the malformed ones], posts kept)
+        "page.jsonl": (jsonl({"data": [a, b | {"author_id": "9" + LONE}]}, {"data": [c | {"text": "a NUL \x00 here"}]}),
+                       [("1", "author_id"), ("2", "text")], 1),
+        "v1.jsonl": (jsonl(v1(a), v1(b, user={"id_str": "7" + LONE}), v1(c, full_text="a NUL \x00 here")),
+                     [("2", "author_id"), ("3", "text")], 1),
+        "tweets.js": (b"window.YTD.tweets.part0 = " + json.dumps(
+            [{"tweet": v1(a)}, {"tweet": v1(b, in_reply_to_status_id_str="1" + LONE)}, {"tweet": v1(c, lang="e\x00")}]).encode(),
+            [("2", "in_reply_to_id"), ("3", "lang")], 1),
+        "document.json": (json.dumps([a, b | {"created_at": "2021" + LONE}, c | {"conversation_id": "1\x00"}]).encode(),
+                          [("2", "created_at"), ("3", "conversation_id")], 1),
+        "posts.csv": (("id,text\n" + f"1,{texts[0]}\n2,a NUL \x00 here\n3,{texts[2]}\n").encode(), [("3", "text")], 2),
+        "posts.txt": (f"{texts[0]}\na NUL \x00 here\n{texts[2]}\n".encode(), [("2", "text")], 2),
+    }
+    for name, (content, expected, kept) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        records = _read(tmp_path / name)
+        malformed = _malformed(records)
+        assert [line for line, _ in malformed] == [line for line, _ in expected], (name, malformed)
+        for (_, why), (_, field) in zip(malformed, expected):
+            assert field in why and ("surrogate" in why or "NUL" in why), (name, why)
+        posts = [r for r in records if isinstance(r, Post)]
+        assert len(posts) == kept and not any("\x00" in p.text for p in posts), name
+
+
+def _png(width: int = 64, height: int = 64) -> bytes:
+    """A real PNG (random pixels): compressed bytes, where about 1 byte in 10 is a control byte."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + random.Random(0).randbytes(3 * width) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_nul_costs_its_record_only_and_binary_files_are_still_skipped(tmp_path):
+    texts = (SHARED / "tweeteval/irony/val_text.txt").read_text(encoding="utf-8").splitlines()
+    rows = [f'{i},"{t.replace(chr(34), "")}"' for i, t in enumerate(texts[:5], 1)]
+    rows[1] = rows[1][:12] + "\x00" + rows[1][12:]  # one NUL near the start of the file
+    (tmp_path / "five.csv").write_text("id,text\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert detect(tmp_path / "five.csv") == "csv"
+    records = _read(tmp_path / "five.csv")
+    assert [r.id for r in records if isinstance(r, Post)] == ["1", "3", "4", "5"]
+    assert [line for line, _ in _malformed(records)] == ["3"]
+
+    deep = texts + ["a NUL \x00 far past the first 64 KiB"] + texts[:3]  # 76 kB of real posts first
+    (tmp_path / "deep.txt").write_text("\n".join(deep) + "\n", encoding="utf-8")
+    records = _read(tmp_path / "deep.txt")
+    assert [line for line, _ in _malformed(records)] == [str(len(texts) + 1)]
+    assert sum(isinstance(r, Post) for r in records) == len(texts) + 3
+
+    (tmp_path / "photo.jpg").write_bytes(_png())  # an image saved without compression, under any name
+    with sqlite3.connect(tmp_path / "posts.db") as db:  # a database of real posts
+        db.execute("CREATE TABLE posts (text TEXT)")
+        db.executemany("INSERT INTO posts VALUES (?)", [(t,) for t in texts])
+    db.close()
+    files, skipped = post_files((str(tmp_path),))
+    assert {p.name for p, _ in files} == {"five.csv", "deep.txt"}
+    assert {Path(s["file"]).name: s["format"] for s in skipped} == {"photo.jpg": "binary", "posts.db": "binary"}
+    assert all("control bytes" in s["why"] for s in skipped)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_utf16_and_utf32_files_with_a_bom_read_like_utf8(tmp_path, encoding):
+    texts = (SHARED / "xlm-t/french/val_text.txt").read_text(encoding="utf-8").splitlines()[:50]
+    originals = {"posts.txt": "\n".join(texts) + "\n", "two_tweets.jsonl": (V2 / "two_tweets.jsonl").read_text(encoding="utf-8"),
+                 "posts.csv": "id,text\n" + "".join(f'{i},"{t.replace(chr(34), "")}"\n' for i, t in enumerate(texts))}
+    fields = lambda records: [(r.id, r.text, r.kind) if isinstance(r, Post) else r for r in records]
+    for name, text in originals.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        data = ("\ufeff" + text).encode(encoding) if encoding.endswith("-be") else text.encode(encoding)  # with its BOM
+        for wide in (tmp_path / f"wide-{name}", tmp_path / f"wide-{name}.gz"):
+            wide.write_bytes(gzip.compress(data) if wide.suffix == ".gz" else data)
+            assert detect(wide) == detect(tmp_path / name), wide.name
+            assert fields(_read(wide)) == fields(_read(tmp_path / name)), wide.name
+
+
+def test_special_files_in_a_folder_are_skipped_with_why_and_a_fifo_given_is_refused(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(V2 / "kpop.jsonl", folder / "kpop.jsonl")
+    os.mkfifo(folder / "pipe.jsonl")
+    (folder / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    (folder / "more").symlink_to(V2, target_is_directory=True)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "s.sock"))
+    try:
+        files, skipped = post_files((str(folder),))
+    finally:
+        sock.close()
+    assert files == [(folder / "kpop.jsonl", "v2")]
+    why = {Path(s["file"]).name: s["why"] for s in skipped}
+    assert set(why) == {"pipe.jsonl", "gone.jsonl", "more", "s.sock"}
+    assert "named pipe" in why["pipe.jsonl"] and "deleted.jsonl" in why["gone.jsonl"] and "socket" in why["s.sock"]
+    assert "folder" in why["more"]
+    with pytest.raises(UserError, match="named pipe"):  # read once to detect, a pipe cannot be read again
+        post_files((str(folder / "pipe.jsonl"),))
+    with pytest.raises(UserError, match="deleted.jsonl"):
+        post_files((str(folder / "gone.jsonl"),))
+
+
+def test_a_text_that_is_not_a_string_is_malformed_not_a_crash(tmp_path):
+    a, b = _plain_posts(2)
+    lines = [{"id_str": "1", "full_text": 5, "user": {}}, {"id_str": "2", "full_text": a["text"], "user": {}},
+             b | {"note_tweet": {"text": ["not", "text"]}}]
+    (tmp_path / "odd.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines))
+    records = _read(tmp_path / "odd.jsonl")
+    assert [(line, "not a string" in why) for line, why in _malformed(records)] == [("1", True), ("3", True)]
+    assert [r.id for r in records if isinstance(r, Post)] == ["2"]

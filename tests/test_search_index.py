@@ -2,6 +2,7 @@
 readers beside a writer, CLI errors."""
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -186,3 +187,23 @@ def test_cli_index_add_and_search_and_one_line_errors(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_index_add_counts_a_lone_surrogate_as_malformed_and_reports_special_files(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    bad = '{"id": "s\\ud800", "text": "a post long enough to be kept"}\n'  # valid JSON, but SQLite cannot store that id as UTF-8
+    (inputs / "x.jsonl").write_text(bad + (V2 / "withheld.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    os.mkfifo(inputs / "pipe.jsonl")
+    (inputs / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    report = add_files((str(inputs),), tmp_path / "posts.db")
+    assert report["dropped"]["malformed"] == 1 and report["added"] > 100
+    assert report["read"] == report["added"] + report["updated"] + report["unchanged"] + sum(report["dropped"].values())
+    why = {Path(s["file"]).name: s["why"] for s in report["skipped_files"]}
+    assert set(why) == {"pipe.jsonl", "gone.jsonl"} and "named pipe" in why["pipe.jsonl"]
+    with Index(tmp_path / "posts.db", create=False) as index:
+        assert index.get([GARAGE]) and index.count == report["posts_in_index"]
+    capsys.readouterr()
+    assert main(["index", "add", str(inputs / "pipe.jsonl"), "--index", str(tmp_path / "posts.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "named pipe" in err, err

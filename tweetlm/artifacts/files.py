@@ -8,30 +8,61 @@ a kill, never finds half a file.
 import contextlib
 import glob
 import os
+import stat
 from pathlib import Path
 
 from tweetlm.errors import UserError
 
 
-def find_inputs(inputs: tuple[str, ...]) -> list[Path]:
-    """Files of the inputs, each once, in the order given (a folder's, recursively, and a glob's sorted; files and
-    folders whose name starts with "." inside a folder are left out)."""
-    files = []
+def find_inputs(inputs: tuple[str, ...]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files of the inputs, each once, in the order given (a folder's, recursively, and a glob's sorted; files
+    and folders whose name starts with "." inside a folder are left out), and the other entries a folder or a glob
+    holds (a named pipe, a socket, a device, a broken link, a link to a folder, which is not followed), each with
+    what it is. An input that is not a file, a folder or a glob is a UserError: a named pipe given is refused, since
+    its bytes can be read only once and the readers read a file's head to detect its format, then read it again."""
+    files, others = [], []
     for arg in inputs:
         path = Path(arg)
+        if path.is_file():
+            files.append(path)
+            continue
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
-            found = [path]
+            entries = [p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        elif os.path.lexists(path):
+            what = _what(path)
+            fix = (f"save what it gives to a file first (cat {arg} > posts.jsonl): a pipe can be read only once"
+                   if what.startswith("a named pipe") else "give a file or a folder")
+            raise UserError(f"{arg}: {what}, not a file; {fix}")
         elif any(c in arg for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(arg, recursive=True) if Path(p).is_file())
+            entries = [Path(p) for p in glob.glob(arg, recursive=True)]
         else:
             raise UserError(f"{arg}: no such file or folder; check the path")
+        found = sorted(p for p in entries if p.is_file())
         if not found:
             raise UserError(f"{arg}: no files there; check the path or the glob (quote it so the shell does not expand it)")
         files += found
-    return list(dict.fromkeys(files))
+        others += sorted((p, _what(p)) for p in entries if not p.is_file() and (p.is_symlink() or not p.is_dir()))
+    return list(dict.fromkeys(files)), list(dict.fromkeys(others))
+
+
+def _what(path: Path) -> str:
+    """What an entry that is neither a file nor a folder is, for a message."""
+    try:
+        if path.is_symlink():
+            if path.is_dir():
+                return "a link to a folder (not followed inside a folder; give the folder itself)"
+            if not path.exists():
+                return f"a broken link (to {os.readlink(path)}, which does not exist)"
+        mode = path.stat().st_mode
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 @contextlib.contextmanager

@@ -22,3 +22,22 @@ class Post:
 
 
 POST_FIELDS = tuple(Post.__slots__)
+_CHECKED = tuple(name for name in POST_FIELDS if name != "source")  # source is ours: "path:line"
+
+
+def invalid_field(post: Post) -> str | None:
+    """Why a post read cannot be kept, or None: a string field holds a NUL (no post holds one; it marks a corrupt
+    record or binary bytes) or a lone surrogate (a JSON "\\ud83d" escape without its other half: no UTF-8 file, so
+    neither Parquet nor SQLite, can hold it)."""
+    for name in _CHECKED:
+        value = getattr(post, name)
+        if value is None:
+            continue
+        if "\x00" in value:
+            return f"a NUL byte in {name} (character {value.index(chr(0))})"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"a lone surrogate {value[e.start]!r} in {name} (character {e.start}), which UTF-8 cannot hold"
+    return None

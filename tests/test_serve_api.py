@@ -4,6 +4,7 @@ every error case, the API key, the limits, cancellation on disconnect, metrics, 
 and `tweetlm chat` with the same template."""
 
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -32,8 +33,18 @@ def test_models_health_and_page(server, served_run):
     assert client.models.retrieve("tiny-chat").owned_by == "tweetlm"
     assert _raw(url, "GET", "/health")[::2] == (200, b'{"status":"ok"}')
     status, headers, page = _raw(url, "GET", "/")
-    assert status == 200 and b'src="/static/chat.js"' in page and headers["content-security-policy"] == "default-src 'self'"
-    assert _raw(url, "GET", "/static/chat.js")[0] == 200
+    policy = "default-src 'self'; frame-ancestors 'none'"  # no script from elsewhere, no framing (clickjacking)
+    assert status == 200 and b'src="/static/chat.js"' in page and headers["content-security-policy"] == policy
+    # the same page under /static, however its path is spelled, carries the same policy
+    for path in ("/static/index.html", "/static//index.html", "/static/chat.js"):
+        status, headers, data = _raw(url, "GET", path)
+        assert status == 200 and headers["content-security-policy"] == policy, path
+    status, _, same = _raw(url, "GET", "/static/index.html")
+    assert same == page
+    # HEAD, as load balancers and uptime checks send it: GET's status and headers, no body
+    for path in ("/", "/health", "/static/index.html"):
+        status, headers, data = _raw(url, "HEAD", path)
+        assert (status, data) == (200, b"") and int(headers["content-length"]) > 0, path
 
 
 def test_completion_is_the_models_greedy_continuation(server, served_run, long_prompts):
@@ -170,6 +181,9 @@ def test_bad_completion_requests_are_4xx_error_objects(server, fields, status, p
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'system', 'developer', 'user' or 'assistant'"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid list"),
     ({"messages": [{"role": "user", "content": "x " * 600}]}, "messages", "leaves no room for a reply"),
+    ({"max_completion_tokens": 10_000}, "max_completion_tokens", "max_completion_tokens is 10000, but this model's"),
+    ({"max_completion_tokens": 400, "max_tokens": 4, "messages": [{"role": "user", "content": "x " * 200}]},
+     "messages", "and max_completion_tokens is 400"),
     ({"top_logprobs": 2}, None, "only allowed when logprobs is true"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, None, "`tools` is not supported"),
 ])
@@ -178,6 +192,50 @@ def test_bad_chat_requests_are_400(server, fields, param, says):
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]} | fields
     e = _status_error(lambda: _client(url).chat.completions.create(**body))
     assert e.status_code == 400 and e.body["param"] == param and says in e.body["message"], e.body
+
+
+SURROGATE = "\ud800"  # half of a UTF-16 pair: JSON can spell it ("\\ud800"), UTF-8 cannot, nor the tokenizer
+
+
+@pytest.mark.parametrize("path, fields, param, says", [
+    ("/v1/completions", {"seed": 2**64}, "seed", "less than or equal to 18446744073709551615"),
+    ("/v1/completions", {"seed": -2**63 - 1}, "seed", "greater than or equal to -9223372036854775808"),
+    ("/v1/completions", {"seed": 2**64 - 1, "n": 2}, "seed", "seed + 1"),  # choice i is seeded seed + i
+    ("/v1/completions", {"seed": 2**64 - 3, "prompt": ["a", "b"], "n": 2}, "seed", "seed + 3"),
+    ("/v1/chat/completions", {"seed": 2**64}, "seed", "less than or equal to"),
+    ("/v1/chat/completions", {"seed": 2**64 - 1, "n": 2, "stream": True}, "seed", "seed + 1"),
+    ("/v1/completions", {"prompt": f"hi {SURROGATE}"}, "prompt[0]", "surrogate"),
+    ("/v1/completions", {"prompt": ["ok", "\udc00"], "stream": True}, "prompt[1]", "surrogate"),
+    ("/v1/completions", {"stop": [SURROGATE]}, "stop[0]", "surrogate"),
+    ("/v1/completions", {"model": SURROGATE}, "model", "surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": SURROGATE}]}, "messages[0].content",
+     "surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": f"a{SURROGATE}"}]}],
+                              "stream": True}, "messages[0].content[0].text", "surrogate"),
+    ("/v1/moderations", {"input": ["fine", SURROGATE]}, "input[1]", "surrogate"),
+])
+def test_out_of_range_seeds_and_lone_surrogates_are_400(server, path, fields, param, says):
+    """What torch cannot seed (outside -2**63..2**64-1, also as seed + i) and text UTF-8 cannot hold: 400 naming the
+    field, before anything is queued, never a 500."""
+    url, engine = server
+    before = engine.stats()["requests_total"]
+    ask = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "tiny-chat", "max_tokens": 2, "input": "x"} | ask | fields
+    status, _, data = _raw(url, "POST", path, json.dumps(body).encode())  # json.dumps spells a surrogate "\\ud800"
+    error = json.loads(data)["error"]
+    assert status == 400 and error["param"] == param and says in error["message"], error
+    assert error["type"] == "invalid_request_error" and engine.stats()["requests_total"] == before
+
+
+def test_every_seed_torch_takes_is_accepted(server):
+    url, _ = server
+    client = _client(url)
+    for seed, n in ((2**64 - 1, 1), (2**64 - 2, 2), (-2**63, 1)):
+        out = client.completions.create(model="tiny-chat", prompt="hi", max_tokens=2, seed=seed, n=n)
+        assert len(out.choices) == n
+    chat = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi 👍🏽"}],
+                                          max_tokens=2, seed=2**64 - 1)
+    assert chat.choices[0].finish_reason in ("stop", "length")
 
 
 def test_bad_bodies_and_paths_are_error_objects(server):
@@ -228,6 +286,77 @@ def test_concurrency_limit_and_request_timeout(served_run, long_prompts):
             list(client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=50, stream=True))
         assert _wait_idle(engine)["completion_tokens_total"] < 20  # both were cancelled, 50 tokens short
+
+
+def _status_line(sock) -> int:
+    """The status of the response on `sock` (it reads the first line only)."""
+    seen = b""
+    while b"\r\n" not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection after {seen!r}"
+        seen += chunk
+    return int(seen.split(b" ", 2)[1])
+
+
+def test_a_burst_past_max_concurrent_gets_429(served_run):
+    """30 requests at once with --max-concurrent 4: exactly 4 answered, 26 refused with 429. Deterministic: every
+    head arrives before any body is complete, so no admitted request can finish (and free its place) before all 30
+    are counted; the refused are answered at once, their bodies unread."""
+    burst, limit = 30, 4
+    body = json.dumps({"model": "tiny-chat", "prompt": POSTS[2], "max_tokens": 8}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    with live_server(served_run, limits=ServeLimits(max_concurrent=limit)) as (url, engine):
+        host, port = url.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(burst)]
+        try:
+            for sock in socks:
+                sock.sendall(head + body[:-1])  # all but the body's last byte
+            answered, deadline = set(), time.monotonic() + 10
+            while len(answered) < burst - limit and time.monotonic() < deadline:
+                ready, _, _ = select.select([s for s in socks if s not in answered], [], [], 0.1)
+                answered.update(ready)
+            for sock in socks:
+                try:
+                    sock.sendall(body[-1:])
+                except OSError:  # a refused request's connection may be closed already
+                    pass
+            statuses = [_status_line(sock) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        assert sorted(statuses) == [200] * limit + [429] * (burst - limit), statuses
+        _wait_idle(engine)
+        metrics = _raw(url, "GET", "/metrics")[2].decode()
+        assert "tweetlm_requests_in_flight 0\n" in metrics  # every admitted request gave its place back
+        assert _client(url).completions.create(model="tiny-chat", prompt="hi", max_tokens=2).choices
+
+
+def test_a_client_that_sends_no_whole_request_is_dropped(served_run, long_prompts):
+    """A connection that stays silent, stops in its head, or stops in its body is closed read_timeout after it
+    opened (uvicorn has no such limit of its own), freeing its place; a request sent in time may run past it."""
+    with live_server(served_run, limits=ServeLimits(read_timeout=0.3, max_concurrent=1)) as (url, engine):
+        host, port = url.removeprefix("http://").split(":")
+        partial = (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
+                   b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        socks = [socket.create_connection((host, int(port)), timeout=10) for _ in partial]
+        for sock, data in zip(socks, partial):
+            sock.sendall(data)
+        for sock in socks:
+            try:
+                assert sock.recv(4096) == b""  # closed by the server, with no response
+            except ConnectionResetError:
+                pass
+            sock.close()
+        deadline = time.monotonic() + 10
+        gone = 'tweetlm_requests_total{route="/v1/completions",status="499"} 1'
+        while gone not in _raw(url, "GET", "/metrics")[2].decode():
+            assert time.monotonic() < deadline, "the request whose body stalled was not counted as gone"
+            time.sleep(0.01)
+        assert "tweetlm_requests_in_flight 0\n" in _raw(url, "GET", "/metrics")[2].decode()  # its place is free
+        out = _client(url).completions.create(model="tiny-chat", prompt=long_prompts["prompt"], max_tokens=LONG,
+                                              temperature=0)
+        assert out.usage.completion_tokens == LONG  # a whole request is never cut, however long its answer takes
 
 
 def _leave_early(url: str, body: dict, engine) -> None:

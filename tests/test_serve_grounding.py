@@ -148,6 +148,14 @@ def test_since_filters_by_iso_time_unix_seconds_and_duration(grounded):
     ("/v1/posts", {"posts": [{"id": "1", "text": ""}]}, "posts[0].text", "at least 1 character"),
     ("/v1/posts", {"posts": [{"id": "1", "text": "x", "created_at": "soon"}]}, "posts[0].created_at", "not an ISO"),
     ("/v1/posts", {"posts": [{"id": "1", "text": "x"}, {"id": "1", "text": "y"}]}, None, "repeats posts[0].id"),
+    # a lone surrogate ("\\ud800" in the JSON) is no text: neither UTF-8, the index nor the tokenizer can take it
+    ("/v1/posts", {"posts": [{"id": "\ud800", "text": "x"}]}, "posts[0].id", "lone UTF-16 surrogate"),
+    ("/v1/posts", {"posts": [{"id": "1", "text": "ok \udc00"}]}, "posts[0].text", "lone UTF-16 surrogate"),
+    ("/v1/posts", {"posts": [{"id": "1", "text": "x", "author_id": "\ud800"}]}, "posts[0].author_id", "surrogate"),
+    ("/v1/posts", {"posts": [{"id": "1", "text": "x", "created_at": "2024\ud800"}]}, "posts[0].created_at",
+     "surrogate"),
+    ("/v1/posts", {"posts": [{"id": "1", "text": "x", "in_reply_to_id": "\udfff"}]}, "posts[0].in_reply_to_id",
+     "surrogate"),
 ])
 def test_bad_posts_and_searches_are_openai_400s(grounded, path, body, param, says):
     status, out = _call(grounded[0], "GET" if body is None else "POST", path, body)
@@ -286,6 +294,10 @@ def test_grounding_by_default_can_be_turned_off_per_request_and_is_counted(serve
         assert getattr(off, "grounding", None) is None
         metrics = _raw(url, "GET", "/metrics")[2].decode()
         assert "tweetlm_grounded_requests_total 1\n" in metrics
+        # posts per grounded prompt: one request, with two posts
+        assert 'tweetlm_grounding_posts_bucket{le="1"} 0\n' in metrics and "tweetlm_grounding_posts_sum 2" in metrics
+        assert 'tweetlm_grounding_posts_bucket{le="2"} 1\n' in metrics
+        assert "tweetlm_grounding_posts_count 1\n" in metrics
 
 
 def test_grounding_errors(grounded, server, served_run, capsys):
@@ -293,10 +305,36 @@ def test_grounding_errors(grounded, server, served_run, capsys):
     status, out = _call(server[0], "POST", "/v1/chat/completions", body, key=None)  # no --index
     assert status == 400 and out["error"]["param"] == "grounding" and "--index INDEX" in out["error"]["message"]
     for fields, param in (({"grounding_since": "someday"}, "grounding_since"), ({"grounding_k": 0}, "grounding_k"),
-                          ({"grounding": "yes"}, "grounding")):
+                          ({"grounding": "yes"}, "grounding"), ({"grounding_since": "\ud800"}, "grounding_since"),
+                          ({"messages": [{"role": "user", "content": "garage \ud800"}]}, "messages[0].content"),
+                          ({"messages": [{"role": "user", "content": "\udc00"}], "stream": True},
+                           "messages[0].content")):
         status, out = _call(grounded[0], "POST", "/v1/chat/completions", body | fields)
         assert status == 400 and out["error"]["param"] == param, out
     assert main(["serve", str(served_run), "--port", "0", "--ground"]) == 2
     assert main(["serve", str(served_run), "--port", "0", "--index", "x.db", "--ground-k", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "--ground needs a posts index" in err[0] and "--ground-k 0" in err[1], err
+
+
+def test_a_context_too_small_for_a_post_is_said_at_start_and_in_each_answer(served_run, index):
+    """A 128-token context leaves a grounded answer (a quarter kept for the reply) no room for one post: `serve`
+    warns as it starts, each answer's grounding.posts is [] beside what was retrieved, and /metrics counts it."""
+    from tweetlm.infer.engine import Engine
+    from tweetlm.serve.grounding import room_warning
+
+    model, tokenizer = load_model(served_run)
+    warning = room_warning(tokenizer, 128, GroundingConfig())
+    assert warning.startswith("warning: grounded answers will hold no post") and "context 128" in warning, warning
+    assert room_warning(tokenizer, CONTEXT, GroundingConfig()) is None
+    assert "raise --ground-tokens (20)" in room_warning(tokenizer, CONTEXT, GroundingConfig(tokens=20))
+
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=128)
+    with TestClient(create_app(engine, tokenizer, model_name="tiny-chat", index=index)) as http:
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32,
+                "temperature": 0, "grounding": True}  # 32: the quarter of the context kept by default
+        out = http.post("/v1/chat/completions", json=body).json()
+        assert out["grounding"] == {"posts": [], "retrieved": 5}, out
+        assert out["choices"][0]["message"]["citations"] == []
+        metrics = http.get("/metrics").text
+    assert 'tweetlm_grounding_posts_bucket{le="0"} 1\n' in metrics and "tweetlm_grounding_posts_count 1\n" in metrics

@@ -56,7 +56,9 @@ def test_moderations_endpoint_in_openais_shape(moderated, classifier, posts):
     one = _client(url).moderations.create(input=[{"type": "text", "text": posts["toxic"]}])
     assert one.results[0].flagged and _client(url).moderations.create(input=posts["clean"]).results[0].flagged is False
     for body, says in ((b'{"input": []}', "at least 1 item"),
-                       (b'{"input": [{"type": "image_url", "image_url": {"url": "x"}}]}', "only text is moderated")):
+                       (b'{"input": [{"type": "image_url", "image_url": {"url": "x"}}]}', "only text is moderated"),
+                       (b'{"input": ["fine", "\\ud800"]}', "input[1]: character 0 is U+D800, a lone UTF-16 surrogate"),
+                       (b'{"input": [{"type": "text", "text": "\\udfff"}]}', "input[0]: character 0 is U+DFFF")):
         status, _, data = _raw(url, "POST", "/v1/moderations", body)
         assert status == 400 and says.encode() in data, data
 

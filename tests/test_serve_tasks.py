@@ -43,6 +43,8 @@ def test_each_task_answers_one_post_the_same_as_the_library(server, served_run):
         assert text == direct()  # the route maps the sampling fields onto the same call
     assert {"#vote", "#eu"} <= {t.casefold() for t in re.findall(r"#\w+", _post(url, "/v1/compose", {
         "model": "tiny-chat", "hashtags": ["vote", "EU"], "seed": 3})[1]["text"])}
+    for seed in (2**64 - 1, -2**63):  # the ends of what torch seeds
+        assert _post(url, "/v1/reply", {"model": "tiny-chat", "post": "hi", "max_tokens": 8, "seed": seed})[0] == 200
 
 
 @pytest.mark.parametrize("path, fields, status, param, says", [
@@ -59,6 +61,13 @@ def test_each_task_answers_one_post_the_same_as_the_library(server, served_run):
     ("/v1/reply", {"post": "  "}, 400, "post", "the post to reply to is empty"),
     ("/v1/summarize", {"thread": []}, 400, "thread", "at least 1 item"),
     ("/v1/summarize", {"thread": ["", " "]}, 400, "thread", "the thread is empty"),
+    # what torch cannot seed and what UTF-8 cannot hold (a lone surrogate, "\\ud800" in the JSON): 400, never 500
+    ("/v1/compose", {"seed": 2**64}, 400, "seed", "less than or equal to 18446744073709551615"),
+    ("/v1/reply", {"post": "hi", "seed": -2**63 - 1}, 400, "seed", "greater than or equal to"),
+    ("/v1/compose", {"topic": "garage \ud800"}, 400, "topic", "lone UTF-16 surrogate"),
+    ("/v1/compose", {"hashtags": ["ok", "\udfff"]}, 400, "hashtags[1]", "lone UTF-16 surrogate"),
+    ("/v1/reply", {"post": "\ud800"}, 400, "post", "lone UTF-16 surrogate"),
+    ("/v1/summarize", {"thread": ["fine", "bad \udc00"]}, 400, "thread[1]", "lone UTF-16 surrogate"),
 ])
 def test_bad_requests_are_openai_error_objects(server, path, fields, status, param, says):
     url, engine = server

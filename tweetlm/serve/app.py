@@ -2,8 +2,8 @@
 API key, limits, error objects, per-request metrics), with moderation (serve/moderation.py), grounding
 (serve/grounding.py) and the responses' wire format (serve/wire.py).
 
-    GET  /                      the web chat page (static/index.html, no build step)
-    GET  /health                {"status": "ok"}
+    GET  /                      the web chat page (static/index.html, no build step; also HEAD)
+    GET  /health                {"status": "ok"} (also HEAD)
     GET  /metrics               Prometheus text: requests, tokens, latency, time to first token, queue, batch
     GET  /v1/models             the one model served
     POST /v1/completions        text after a prompt (a new post: the prompt follows <|endoftext|>)
@@ -41,6 +41,9 @@ from tweetlm.serve.wire import DONE, ChatFormat, Choice, CompletionFormat, Event
 from tweetlm.tokenizer.chat import render_chat
 
 STATIC = Path(__file__).parent / "static"
+# the page shows model output with textContent only; the policy also blocks anything injected, and framing by
+# another site (clickjacking). Sent with the page at / and with every file under /static, the page included.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'"}
 GENERATE_ROUTES = ("/v1/completions", "/v1/chat/completions", *TASK_ROUTES)
 # metrics labels; anything else is "other"
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/moderations", "/v1/posts", "/v1/search", *GENERATE_ROUTES)
@@ -65,19 +68,20 @@ class _Service:
 
     # ------------------------------------------------------------ shared
 
-    def _check(self, body, prompts: list[list[int]], max_tokens: int | None, param: str) -> int:
+    def _check(self, body, prompts: list[list[int]], max_tokens: int | None, param: str,
+               max_param: str = "max_tokens") -> int:
         """The model name and the context budget, with OpenAI's codes; returns max_tokens (None: the rest
-        of the context, as OpenAI's chat default)."""
+        of the context, as OpenAI's chat default). `max_param`: the field the client set max_tokens with."""
         self.check_model(body)
         context = self.engine.max_seq_len
         if max_tokens is not None and max_tokens >= context:
-            raise APIError(400, f"max_tokens is {max_tokens}, but this model's context is {context} tokens: "
-                                f"ask for fewer", param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{max_param} is {max_tokens}, but this model's context is {context} tokens: "
+                                f"ask for fewer", param=max_param, code="context_length_exceeded")
         longest = max(len(p) for p in prompts)
         if max_tokens is None and longest < context:
             return context - longest
         if longest + (max_tokens or 1) > context:
-            asked = f"and max_tokens is {max_tokens}" if max_tokens else "which leaves no room for a reply"
+            asked = f"and {max_param} is {max_tokens}" if max_tokens else "which leaves no room for a reply"
             raise APIError(400, f"this model's context is {context} tokens, but the {param} takes {longest} tokens "
                                 f"{asked}: shorten the {param} or ask for fewer tokens",
                            param=param, code="context_length_exceeded")
@@ -215,7 +219,9 @@ class _Service:
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
         prompt, grounded = await self.grounding.prepare(body, messages, prompt)
-        max_tokens = self._check(body, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
+        newer = body.max_completion_tokens is not None  # OpenAI's newer name wins, and is the one errors name
+        max_tokens = self._check(body, [prompt], body.max_completion_tokens if newer else body.max_tokens, "messages",
+                                 "max_completion_tokens" if newer else "max_tokens")
         await self.moderation.check_input([m.as_template_message()["content"] for m in body.messages], "messages")
         k = (body.top_logprobs or 0) if body.logprobs else None
         requests = self._submit(body, [prompt], max_tokens, k, (self.end_id,))
@@ -231,6 +237,15 @@ class _Service:
         grounded.check(choices)
         await self.moderation.withhold_flagged(choices)
         return out.response(choices, len(prompt), sum(r.completion_tokens for r in requests))
+
+
+class _Static(StaticFiles):
+    """The page's files, each with PAGE_HEADERS: the page itself is also here, under any spelling of its path."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 def create_app(engine, tokenizer, *, model_name: str, api_key: str | None = None,
@@ -256,14 +271,13 @@ def create_app(engine, tokenizer, *, model_name: str, api_key: str | None = None
     add_error_handlers(app)
     guarded = [Depends(api_key_check(api_key))]
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
-        # the page shows model output with textContent only; the policy also blocks anything injected
-        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'"})
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", _Static(directory=STATIC), name="static")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers and uptime checks send
     async def health():
         return {"status": "ok"}
 

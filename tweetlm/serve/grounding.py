@@ -12,13 +12,14 @@ false) searches the index with its last user message (BM25 with the recency boos
 `grounding_since`), and a system message listing them as `[post:ID] time: text`, best first, goes in after
 the request's own system messages (tweetlm/search/ground.py). The posts may take at most `--ground-tokens`
 tokens, and no more than leaves the reply its max_tokens (or, unset, a quarter of the context): the
-lowest-ranked are dropped first, and the message says how many it shows. The answer's citations
-`[post:ID]` are then checked: an id is kept only if its post was in this prompt and is still in the index
-(a post the model never saw cannot ground anything, even if it exists); other markers are removed from the
-text. Each choice's message (a stream: its last chunk's delta) carries `citations` (the cited posts) and
-`citations_stripped`; the response (a stream: its first chunks) carries `grounding: {"posts": [ids in the
-prompt], "retrieved": n}`. A stream holds back a possible marker until it closes, so streamed and plain
-answers read the same.
+lowest-ranked are dropped first, and the message says how many it shows (a context too small for one post
+gets none: `serve` warns at start, see room_warning, and /metrics counts the posts of each prompt). The
+answer's citations `[post:ID]` are then checked: an id is kept only if its post was in this prompt and is
+still in the index (a post the model never saw cannot ground anything, even if it exists); other markers are
+removed from the text. Each choice's message (a stream: its last chunk's delta) carries `citations` (the
+cited posts) and `citations_stripped`, as OpenAI's message carries its `annotations`; the response (a stream:
+its first chunks) carries `grounding: {"posts": [ids in the prompt], "retrieved": n}`. A stream holds back a
+possible marker until it closes, so streamed and plain answers read the same.
 """
 
 import asyncio
@@ -40,6 +41,10 @@ MAX_SEARCH = 100  # posts one GET /v1/search returns
 MAX_QUERY_CHARS = 2000
 REPLY_SHARE = 4  # a grounded request without max_tokens keeps at least 1/REPLY_SHARE of the context for the reply
 _UNIX = re.compile(r"\s*\d+(\.\d+)?\s*")
+# room_warning's yardstick: a post of median length (TweetEval's posts: 97 characters), a tweet's id, a time
+_TYPICAL_POST = {"id": "1861234567890123456", "created_at": "2026-01-01T12:00:00Z",
+                 "text": "Just got back from the farmers market: the strawberries are finally in season and they "
+                         "taste amazing"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +56,29 @@ class GroundingConfig:
     def __post_init__(self):
         check(1 <= self.k <= MAX_GROUNDING_K, "k", self.k, f"must be in 1..{MAX_GROUNDING_K}")
         check(self.tokens >= 1, "tokens", self.tokens, "must be at least 1")
+
+
+def _budget(config: GroundingConfig, context: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Prompt tokens the posts' system message may take: --ground-tokens, and no more than leaves the reply its
+    max_tokens (None: a quarter of the context). 2: the message's <|system|> and <|end|>."""
+    return min(config.tokens, context - prompt_tokens - 2 - (max_tokens or context // REPLY_SHARE))
+
+
+def room_warning(tokenizer, context: int, config: GroundingConfig) -> str | None:
+    """The line `serve --index` prints when a grounded answer to the shortest question, max_tokens unset, has
+    no room for one post of median length (each such answer would carry `grounding.posts: []`); else None."""
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    budget = _budget(config, context, len(render_chat(tokenizer, [{"role": "user", "content": "?"}])), None)
+    need = count(posts_message([_TYPICAL_POST], count, 1 << 30)[0])
+    if need <= budget:
+        return None
+    fix = (f"raise --ground-tokens ({config.tokens})" if budget == config.tokens else
+           "serve a model with a longer context, or send a smaller max_tokens")
+    return (f"warning: grounded answers will hold no post of typical length: the posts may take {max(budget, 0)} "
+            f"prompt tokens (context {context}, a quarter kept for the reply, --ground-tokens {config.tokens}), "
+            f"and the instructions with one post of {len(_TYPICAL_POST['text'])} characters take {need}: {fix}")
 
 
 def _public(post: dict) -> dict:
@@ -149,10 +177,10 @@ class Grounding:
                                 "`tweetlm serve RUN --index INDEX`, or leave grounding out", param="grounding")
         since = _since(body.grounding_since, "grounding_since")
         query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        room = body.max_completion_tokens or body.max_tokens or self.context // REPLY_SHARE
-        budget = min(self.config.tokens, self.context - len(prompt) - 2 - room)  # 2: <|system|> and <|end|>
+        budget = _budget(self.config, self.context, len(prompt), body.max_completion_tokens or body.max_tokens)
         hits, message = await asyncio.to_thread(self._retrieve, query, since, body.grounding_k or self.config.k, budget)
         self.metrics.grounded += 1
+        self.metrics.grounding_posts.observe(0 if message is None else message[1])
         if message is None:  # not even the message without posts fits: the prompt goes as it is
             return prompt, Grounded([], len(hits), self.index, self.metrics)
         content, used = message

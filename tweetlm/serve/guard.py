@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from tweetlm.errors import UserError, check
 from tweetlm.serve.metrics import Histogram, Metrics
-from tweetlm.serve.schemas import APIError, error_body
+from tweetlm.serve.schemas import APIError, FieldError, error_body
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,15 +26,19 @@ class ServeLimits:
     max_body_bytes: int = 1 << 20  # 1 MiB holds ~250k tokens of text, far past any context we serve
     max_concurrent: int = 64  # generation requests at once (running + queued); more get 429
     request_timeout: float = 300.0  # seconds from arrival to the last token; longer ones are cancelled
+    # seconds a client has to send a whole request (head and body) once its connection opens or its previous
+    # response ends; a slower one is disconnected (server.py: uvicorn has no such limit, README "Limits" says why 20)
+    read_timeout: float = 20.0
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_concurrent", "request_timeout"):
+        for name in ("max_body_bytes", "max_concurrent", "request_timeout", "read_timeout"):
             check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
 
 
 class Guard:
-    """ASGI middleware around every request: refuses a body over the limit (413) and a generation request
-    past the concurrency limit (429), and records route, status and latency for /metrics. Pure ASGI (no
+    """ASGI middleware around every request: refuses a generation request past the concurrency limit (429), as
+    soon as its head arrives, and a body over the limit (413), and records route, status and latency for
+    /metrics. A generation request holds its place from admission to its last byte sent. Pure ASGI (no
     BaseHTTPMiddleware) so that streams pass through untouched and a stream's latency runs to its last byte.
     `routes`: the metrics labels (any other path is "other"); `generating`: those the concurrency limit counts."""
 
@@ -55,22 +59,24 @@ class Guard:
                 status = message["status"]
             await send(message)
 
-        generating = route in self.generating
+        admitted = False
         try:
-            if generating and self.metrics.in_flight >= self.limits.max_concurrent:
-                return await _send_json(send_and_see, 429, error_body(
-                    f"the server is answering {self.limits.max_concurrent} requests already: retry in a moment",
-                    type="rate_limit_error", code="rate_limit_exceeded"), {"Retry-After": "1"})
+            if route in self.generating:
+                # check and count in one step, before any await: a burst that arrives together cannot all pass
+                # the check before the first of it is counted (the body is read after admission, in its place)
+                if self.metrics.in_flight >= self.limits.max_concurrent:
+                    return await _send_json(send_and_see, 429, error_body(
+                        f"the server is answering {self.limits.max_concurrent} requests already: retry in a moment",
+                        type="rate_limit_error", code="rate_limit_exceeded"), {"Retry-After": "1"})
+                self.metrics.in_flight += 1
+                admitted = True
             receive = await self._buffered_body(scope, receive, send_and_see)
             if receive is None:  # answered 413, or the client left while sending (nginx's 499, unanswered)
                 status = 413 if status == 413 else 499
                 return
-            self.metrics.in_flight += generating
-            try:
-                await self.app(scope, receive, send_and_see)
-            finally:
-                self.metrics.in_flight -= generating
+            await self.app(scope, receive, send_and_see)
         finally:
+            self.metrics.in_flight -= admitted  # every path: answered, refused, client gone, cancelled
             self.metrics.requests[route, status] += 1
             self.metrics.latency.setdefault(route, Histogram()).observe(loop.time() - start)
 
@@ -156,7 +162,8 @@ def add_error_handlers(app: FastAPI) -> None:
         if error["type"] == "json_invalid":
             return JSONResponse(error_body(f"the body is not valid JSON: {error.get('ctx', {}).get('error', '')}"),
                                 status_code=400)
-        param = _param(error["loc"])
+        cause = error.get("ctx", {}).get("error")
+        param = cause.param if isinstance(cause, FieldError) else _param(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if param is None and error["type"] in ("missing", "model_attributes_type"):  # no body, or not an object
             message = "the body must be a JSON object, sent with Content-Type: application/json"

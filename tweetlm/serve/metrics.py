@@ -8,23 +8,26 @@ from collections import Counter
 
 # seconds; spans a tiny model's first token on a CPU (~ms) to a long reply under load (minutes)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# posts in a grounded prompt: 0 (no room, or none found) up to the most a request may retrieve (MAX_GROUNDING_K)
+POST_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
 
 
 class Histogram:
-    """A cumulative histogram of seconds over BUCKETS."""
+    """A cumulative histogram over `buckets` (upper bounds; default: seconds, BUCKETS)."""
 
-    def __init__(self):
-        self.counts, self.sum, self.count = [0] * len(BUCKETS), 0.0, 0
+    def __init__(self, buckets: tuple = BUCKETS):
+        self.buckets = buckets
+        self.counts, self.sum, self.count = [0] * len(buckets), 0.0, 0
 
-    def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(BUCKETS):
-            self.counts[i] += seconds <= bound
-        self.sum += seconds
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            self.counts[i] += value <= bound
+        self.sum += value
         self.count += 1
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts)]
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
         suffix = f"{{{labels}}}" if labels else ""
         return out + [f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.count}"]
@@ -40,6 +43,7 @@ class Metrics:
         self.in_flight = 0  # generation requests being answered, streams included
         self.refused: Counter[str] = Counter()  # by --moderate: "input" (requests), "output" (choices stopped)
         self.grounded = 0  # chat requests grounded on the posts index
+        self.grounding_posts = Histogram(POST_BUCKETS)  # posts in each grounded prompt
         self.citations: Counter[str] = Counter()  # [post:ID] markers in grounded answers: "kept", "stripped"
 
     def render(self, stats: dict) -> str:
@@ -57,6 +61,9 @@ class Metrics:
         lines += [f'tweetlm_moderation_refusals_total{{stage="{stage}"}} {self.refused[stage]}' for stage in ("input", "output")]
         lines += ["# HELP tweetlm_grounded_requests_total Chat requests grounded on posts from the index (--index).",
                   "# TYPE tweetlm_grounded_requests_total counter", f"tweetlm_grounded_requests_total {self.grounded}",
+                  "# HELP tweetlm_grounding_posts Posts in the prompt of each grounded chat request (0: none found, "
+                  "or no room in the context).", "# TYPE tweetlm_grounding_posts histogram",
+                  *self.grounding_posts.lines("tweetlm_grounding_posts"),
                   "# HELP tweetlm_citations_total Citations [post:ID] in grounded answers: kept (the post was in the "
                   "prompt and is in the index) or stripped.", "# TYPE tweetlm_citations_total counter"]
         lines += [f'tweetlm_citations_total{{outcome="{o}"}} {self.citations[o]}' for o in ("kept", "stripped")]

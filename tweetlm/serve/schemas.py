@@ -5,6 +5,10 @@ Requests follow OpenAI's field names, defaults and ranges (platform.openai.com/d
 null takes its default, as OpenAI does. Other OpenAI fields are ignored, except those that would change the
 answer and are not built (tools, functions, response_format, logit_bias, suffix): those are refused rather
 than silently dropped. POST /v1/posts (tweetlm's own) is validated here too. Responses are built in serve/wire.py.
+
+Every text field is `Text`: a JSON string may spell half of a UTF-16 surrogate pair ("\\ud800"), which Python keeps
+but UTF-8, the tokenizer and the index cannot take; it is refused here with 400 naming the field, as a seed
+torch cannot take is (SEED_MIN..SEED_MAX, also as seed + i for choice i).
 """
 
 import time
@@ -23,8 +27,30 @@ _UNSUPPORTED = ("tools", "functions", "response_format", "logit_bias", "suffix")
 MAX_GROUNDING_K = 50  # posts one question retrieves; the prompt's token budget may keep fewer
 MAX_POSTS = 1000  # posts in one POST /v1/posts: ~0.3 MB of 280-character posts, under the 1 MiB body limit
 MAX_POST_CHARS = 25_000  # X's longest posts (Premium) are 25,000 characters
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed takes (a negative seed wraps to 2**64 + seed)
 
-NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+class FieldError(ValueError):
+    """A check across fields that blames one of them: the 400 names `param` (pydantic would name none)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _whole_characters(value):
+    """A string as UTF-8 can hold it, or a ValueError; anything else is left to the field's own type check."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"character {e.start} is U+{ord(value[e.start]):04X}, a lone UTF-16 surrogate (half "
+                             "of a pair), which is not text: send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_whole_characters)]
+NonEmpty = Annotated[Text, StringConstraints(min_length=1)]
 
 
 def _one_or_many(value):
@@ -41,14 +67,14 @@ class Sampling(BaseModel):
     """Fields both endpoints share. strict: "10" is not a number, 1 is not a boolean (as OpenAI)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Annotated[list[NonEmpty], BeforeValidator(_one_or_many)] = Field([], max_length=MAX_STOP)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
@@ -70,6 +96,19 @@ class Sampling(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    @model_validator(mode="after")
+    def _seeds_in_range(self):
+        last = self.choices - 1
+        if self.seed is not None and self.seed + last > SEED_MAX:
+            raise FieldError("seed", f"choice i is seeded seed + i, and seed + {last} is over {SEED_MAX}, the largest "
+                                     "seed: send a smaller seed")
+        return self
+
+    @property
+    def choices(self) -> int:
+        """Engine requests this body makes (each seeded seed + i)."""
+        return self.n
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -78,7 +117,7 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     """POST /v1/completions. A list of prompts gives n choices per prompt, indexed prompt * n + j."""
 
-    prompt: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1)
+    prompt: Annotated[list[Text], BeforeValidator(_one_or_many)] = Field(min_length=1)
     max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -91,17 +130,27 @@ class CompletionRequest(Sampling):
             raise ValueError("echo with logprobs is not supported: the server does not score prompt tokens")
         return self
 
+    @property
+    def choices(self) -> int:
+        return len(self.prompt) * self.n
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
+
+
+def _parts(content):
+    """OpenAI's content: a string, or a list of text parts; a string is one part (checked here, so that its
+    error names `content`, the field sent)."""
+    return [{"type": "text", "text": _whole_characters(content)}] if isinstance(content, str) else content
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: Annotated[list[TextPart], BeforeValidator(lambda c: [{"type": "text", "text": c}] if isinstance(c, str) else c)]
+    content: Annotated[list[TextPart], BeforeValidator(_parts)]
 
     def as_template_message(self) -> dict:
         text = "".join(part.text for part in self.content)
@@ -128,8 +177,8 @@ class ModerationRequest(BaseModel):
     """POST /v1/moderations. `model` is accepted and ignored: the server has one classifier."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    input: Annotated[list[str], BeforeValidator(_moderation_texts)] = Field(min_length=1)
-    model: str | None = None
+    input: Annotated[list[Text], BeforeValidator(_moderation_texts)] = Field(min_length=1)
+    model: Text | None = None
 
 
 class ChatRequest(Sampling):
@@ -143,7 +192,8 @@ class ChatRequest(Sampling):
     # grounding on the server's posts index (serve/grounding.py); the openai client sends them in extra_body
     grounding: bool | None = None  # None: the server's default (`serve --ground`)
     grounding_k: int | None = Field(None, ge=1, le=MAX_GROUNDING_K)  # None: the server's (`--ground-k`)
-    grounding_since: str | float | None = None  # only posts from then on: ISO time, duration ("24h") or unix seconds
+    # only posts from then on: ISO time, duration ("24h") or unix seconds
+    grounding_since: Annotated[str | float | None, BeforeValidator(_whole_characters)] = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -159,8 +209,8 @@ def _post_id(value: str) -> str:
     return value
 
 
-PostId = Annotated[str, AfterValidator(_post_id)]
-Field128 = Annotated[str, StringConstraints(max_length=128)]
+PostId = Annotated[Text, AfterValidator(_post_id)]
+Field128 = Annotated[Text, StringConstraints(max_length=128)]
 
 
 class IndexPost(BaseModel):
@@ -168,8 +218,8 @@ class IndexPost(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     id: PostId
-    text: str = Field(min_length=1, max_length=MAX_POST_CHARS)
-    created_at: str | float | None = None
+    text: Text = Field(min_length=1, max_length=MAX_POST_CHARS)
+    created_at: Annotated[str | float | None, BeforeValidator(_whole_characters)] = None
     author_id: Field128 | None = None
     lang: Field128 | None = None
     conversation_id: PostId | None = None

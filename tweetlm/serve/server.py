@@ -2,19 +2,23 @@
 
 Graceful shutdown: on SIGTERM or Ctrl-C uvicorn stops accepting connections, in-flight requests and
 streams run to their end (at most `request_timeout`, then they are cancelled), and only then does the
-app close the engine.
+app close the engine. A connection that does not send a whole request within `read_timeout` (20 s) of opening,
+or of its previous response, is closed (_ReadDeadline: uvicorn has no such limit).
 """
 
+import functools
 import signal
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tweetlm.errors import UserError, check
 from tweetlm.serve.app import ServeLimits, create_app
-from tweetlm.serve.grounding import GroundingConfig
+from tweetlm.serve.grounding import GroundingConfig, room_warning
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,10 +61,54 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _ReadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with a deadline to send each whole request: `read_timeout` seconds from the
+    connection's opening, or from its previous response's end, to the request body's last byte; past it the
+    connection is closed (an app waiting on the body sees the client gone). uvicorn bounds only the idle wait
+    between keep-alive requests (5 s, reset by any byte), so a client trickling a head or a body, or opening
+    connections and sending nothing, would hold them for ever (slowloris)."""
+
+    def __init__(self, *args, read_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_timeout, self.deadline = read_timeout, None
+
+    def _arm(self) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(self.read_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _too_slow(self) -> None:
+        self.deadline = None
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # the request is whole (or the connection over)
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # the next request's time starts now; a pipelined one already in may disarm it below
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
 def uvicorn_server(app, limits: ServeLimits, log_level: str = "info") -> uvicorn.Server:
     # graceful shutdown waits for the longest a request may run, plus a little for its last bytes
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=int(limits.request_timeout) + 5,
-                            server_header=False)
+                            server_header=False,
+                            http=functools.partial(_ReadDeadline, read_timeout=limits.read_timeout))
     return uvicorn.Server(config)
 
 
@@ -99,6 +147,8 @@ def serve(cfg: ServeConfig) -> None:
         print(f"posts index {cfg.index} ({index.count:,} posts): {url}/v1/posts, {url}/v1/search; chat answers "
               f"grounded {'by default' if cfg.grounding.default else 'on request'} "
               f"({cfg.grounding.k} posts, at most {cfg.grounding.tokens} tokens)", flush=True)
+        if (warning := room_warning(tokenizer, engine.max_seq_len, cfg.grounding)) is not None:
+            print(warning, flush=True)
     # uvicorn re-raises the signal it stopped on once it has shut down gracefully: SIGTERM then ends
     # the process like Ctrl-C, with exit code 0, instead of killing it by the default action
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

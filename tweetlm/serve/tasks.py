@@ -27,7 +27,7 @@ from tweetlm.infer import tasks
 from tweetlm.infer.engine import SamplingParams
 from tweetlm.serve import wire
 from tweetlm.serve.guard import client_gone, timeout_error
-from tweetlm.serve.schemas import Sampling
+from tweetlm.serve.schemas import Sampling, Text
 
 TASK_ROUTES = ("/v1/compose", "/v1/reply", "/v1/summarize")
 
@@ -52,8 +52,8 @@ class _TaskRequest(Sampling):
 
 
 class ComposeRequest(_TaskRequest):
-    topic: str = ""
-    hashtags: list[str] = []
+    topic: Text = ""
+    hashtags: list[Text] = []
 
     @field_validator("hashtags")
     @classmethod
@@ -62,7 +62,7 @@ class ComposeRequest(_TaskRequest):
 
 
 class ReplyRequest(_TaskRequest):
-    post: str
+    post: Text
 
     @field_validator("post")
     @classmethod
@@ -72,7 +72,7 @@ class ReplyRequest(_TaskRequest):
 
 
 class SummarizeRequest(_TaskRequest):
-    thread: list[str] = Field(min_length=1)
+    thread: list[Text] = Field(min_length=1)
 
     @field_validator("thread")
     @classmethod

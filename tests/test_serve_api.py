@@ -147,12 +147,42 @@ def test_logprobs_in_the_openai_shape(server, long_prompts):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server, served_run):
+    """What lm-evaluation-harness sends: a prompt of token ids (or text), echo, logprobs, max_tokens 0 or 1; each
+    prompt token's logprob is the model's own, null for a first token with no context."""
+    url, _ = server
+    client = _client(url)
+    model, tokenizer = load_model(served_run)
+    text = POSTS[3]
+    ids = [tokenizer.boundary_id, *tokenizer.encode(text)]
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0].log_softmax(-1)  # [T, V]: row t predicts token t + 1
+    expected = [full[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+    scored = client.completions.create(model="tiny-chat", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 2 and max(top.values()) >= logprob for top, logprob in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+
+    # a text prompt follows <|endoftext|>: its first token is scored too, and one generated token comes after
+    plus_one = client.completions.create(model="tiny-chat", prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    lp = plus_one.choices[0].logprobs
+    assert plus_one.choices[0].text.startswith(text) and len(lp.token_logprobs) == len(ids) - 1 + 1
+    assert lp.token_logprobs[:-1] == pytest.approx(expected, abs=1e-4)
+    assert "".join(lp.tokens[:-1]) == text and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+
+
 # ---------------------------------------------------------------- errors
 
 
 @pytest.mark.parametrize("fields, status, param, code, says", [
     ({"model": "gpt-4"}, 404, "model", "model_not_found", "`gpt-4` does not exist"),
-    ({"max_tokens": 0}, 400, "max_tokens", None, "greater than or equal to 1"),
+    ({"max_tokens": 0}, 400, "max_tokens", None, "max_tokens 0 returns nothing without echo"),
+    ({"max_tokens": -1}, 400, "max_tokens", None, "greater than or equal to 0"),
+    ({"prompt": [1, -2]}, 400, "prompt[0]", None, "token ids must be integers greater than or equal to 0"),
+    ({"prompt": [10**9]}, 400, None, None, "outside the vocabulary"),
     ({"max_tokens": 10_000}, 400, "max_tokens", "context_length_exceeded", "context is 512 tokens"),
     ({"prompt": " ".join(POSTS)}, 400, "prompt", "context_length_exceeded", "shorten the prompt"),
     ({"temperature": "hot"}, 400, "temperature", None, "valid number"),
@@ -161,7 +191,7 @@ def test_logprobs_in_the_openai_shape(server, long_prompts):
     ({"n": 17}, 400, "n", None, "less than or equal to 16"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4"),
     ({"logprobs": 21}, 400, "logprobs", None, "less than or equal to 20"),
-    ({"echo": True, "logprobs": 1}, 400, None, None, "echo with logprobs"),
+    ({"echo": True, "logprobs": 1, "stream": True}, 400, "stream", None, "echo with logprobs (scoring the prompt) is not streamed"),
     ({"stream_options": {"include_usage": True}}, 400, None, None, "only allowed when stream is true"),
     ({"suffix": "!"}, 400, None, None, "`suffix` is not supported"),
 ])

@@ -80,14 +80,15 @@ class _Service:
         longest = max(len(p) for p in prompts)
         if max_tokens is None and longest < context:
             return context - longest
-        if longest + (max_tokens or 1) > context:
+        if longest + (1 if max_tokens is None else max_tokens) > context:
             asked = f"and {max_param} is {max_tokens}" if max_tokens else "which leaves no room for a reply"
             raise APIError(400, f"this model's context is {context} tokens, but the {param} takes {longest} tokens "
                                 f"{asked}: shorten the {param} or ask for fewer tokens",
                            param=param, code="context_length_exceeded")
         return max_tokens
 
-    def _submit(self, body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, stop_ids: tuple[int, ...]):
+    def _submit(self, body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, stop_ids: tuple[int, ...],
+                prompt_logprobs: int | None = None):
         """n engine requests per prompt, choice i seeded seed + i; all or none are queued."""
         requests = []
         try:
@@ -97,7 +98,7 @@ class _Service:
                         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                         seed=None if body.seed is None else body.seed + len(requests), stop=tuple(body.stop),
                         stop_token_ids=stop_ids, presence_penalty=body.presence_penalty,
-                        frequency_penalty=body.frequency_penalty, logprobs=logprobs)
+                        frequency_penalty=body.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                     requests.append(self.engine.submit(prompt, params))
         except BaseException:
             for r in requests:
@@ -195,11 +196,15 @@ class _Service:
 
     async def completions(self, body: CompletionRequest, http: Request):
         start = asyncio.get_running_loop().time()
-        prompts = [[self.tokenizer.boundary_id, *self.tokenizer.encode(p)] for p in body.prompt]
+        # a text prompt follows <|endoftext|> (a new post); token ids are taken as they are
+        prompts = [p if isinstance(p, list) else [self.tokenizer.boundary_id, *self.tokenizer.encode(p)]
+                   for p in body.prompt]
+        texts = [self.tokenizer.decode(p) if isinstance(p, list) else p for p in body.prompt]
         max_tokens = self._check(body, prompts, body.max_tokens, "prompt")
-        await self.moderation.check_input(body.prompt, "prompt")
-        requests = self._submit(body, prompts, max_tokens, body.logprobs, ())
-        out = CompletionFormat(self.model_name, [body.prompt[i // body.n] for i in range(len(requests))], body.echo,
+        await self.moderation.check_input(texts, "prompt")
+        scoring = body.echo and body.logprobs is not None  # the prompt's tokens are scored too
+        requests = self._submit(body, prompts, max_tokens, body.logprobs, (), body.logprobs if scoring else None)
+        out = CompletionFormat(self.model_name, [texts[i // body.n] for i in range(len(requests))], body.echo,
                                None if body.logprobs is None else self.logprobs)
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
@@ -209,6 +214,11 @@ class _Service:
         if choices is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it, /metrics counts it
         await self.moderation.withhold_flagged(choices)
+        if scoring:  # the echoed tokens: a text prompt's without the <|endoftext|> put before it
+            echoed = [prompts[i // body.n][0 if isinstance(body.prompt[i // body.n], list) else 1:]
+                      for i in range(len(requests))]
+            out.score([self.logprobs.scored(ids, r.prompt_logprobs[-len(ids):], c.logprobs)
+                       for ids, r, c in zip(echoed, requests, choices)])
         return out.response(choices, prompt_tokens, sum(r.completion_tokens for r in requests))
 
     async def chat(self, body: ChatRequest, http: Request):

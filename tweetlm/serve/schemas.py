@@ -12,7 +12,7 @@ torch cannot take is (SEED_MIN..SEED_MAX, also as seed + i for choice i).
 """
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator,
                       model_validator)
@@ -56,6 +56,29 @@ NonEmpty = Annotated[Text, StringConstraints(min_length=1)]
 def _one_or_many(value):
     """OpenAI takes one string or a list of them; one list type keeps pydantic's errors plain (no union)."""
     return [value] if isinstance(value, str) else value
+
+
+def _prompts(value):
+    """A completion's prompt as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of
+    such lists -> a list of strings and token-id lists."""
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return [value]
+    return _one_or_many(value)
+
+
+def _prompt(value):
+    """One prompt: text (whole characters) or a non-empty list of token ids >= 0 (the engine checks the vocabulary).
+    Checked here, with one message each, rather than by a union type, whose errors name both branches."""
+    if isinstance(value, str):
+        return _whole_characters(value)
+    if not isinstance(value, list) or not value:
+        raise ValueError("a prompt is a string or a non-empty list of token ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise ValueError("token ids must be integers greater than or equal to 0")
+    return value
+
+
+Prompt = Annotated[Any, BeforeValidator(_prompt)]  # str | list[int]
 
 
 class StreamOptions(BaseModel):
@@ -117,17 +140,20 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     """POST /v1/completions. A list of prompts gives n choices per prompt, indexed prompt * n + j."""
 
-    prompt: Annotated[list[Text], BeforeValidator(_one_or_many)] = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    # text (which follows <|endoftext|>, as a new post) or token ids (taken as they are)
+    prompt: Annotated[list[Prompt], BeforeValidator(_prompts)] = Field(min_length=1)
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo: score the prompt only
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with echo: the prompt's tokens are scored too
 
     @model_validator(mode="after")
     def _choices_and_echo(self):
         if len(self.prompt) * self.n > MAX_N:
             raise ValueError(f"{len(self.prompt)} prompts x n={self.n} is over the server's limit of {MAX_N} choices")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported: the server does not score prompt tokens")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens 0 returns nothing without echo: ask for at least 1 token")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise FieldError("stream", "echo with logprobs (scoring the prompt) is not streamed: set stream to false")
         return self
 
     @property

@@ -95,6 +95,19 @@ class Logprobs:
             content.append({"token": token, "logprob": e.logprob, "bytes": _token_bytes(token), "top_logprobs": top})
         return {"content": content}
 
+    def scored(self, prompt_ids: list[int], prompt_entries: list, entries: list) -> dict:
+        """Legacy completions' `logprobs` with echo: every echoed prompt token (null where it has no context: the
+        first of a token-id prompt), then every generated one, end tokens included, so that the lists align with
+        the request's tokens (what lm-evaluation-harness reads); `text_offset` from the echoed prompt's start."""
+        tokens, logprobs, tops, offsets, offset = [], [], [], [], 0
+        for token_id, e in [*zip(prompt_ids, prompt_entries), *((e.token_id, e) for e in entries)]:
+            tokens.append(token := self._decode(token_id))
+            logprobs.append(None if e is None else e.logprob)
+            tops.append(None if e is None else {self._decode(i): lp for i, lp in e.top})
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
     def completion(self, entries: list, offset: int) -> dict:
         """Legacy completions' `logprobs`: parallel lists, `text_offset` counted from `offset`."""
         entries = self._text(entries)
@@ -116,6 +129,11 @@ class CompletionFormat:
         self.prompts, self.echo, self.logprobs = prompts, echo, logprobs
         self.base = [len(p) if echo else 0 for p in prompts]  # logprobs' text_offset starts after an echoed prompt
         self.sent = list(self.base)  # characters of each choice's text sent so far (a stream), for text_offset
+        self.scores = None  # with echo and logprobs: each choice's logprobs, prompt included (`score`)
+
+    def score(self, logprobs: list[dict]) -> None:
+        """Each choice's `logprobs` when the prompt was scored (echo with logprobs): Logprobs.scored's."""
+        self.scores = logprobs
 
     def _logprobs(self, entries: list, offset: int) -> dict | None:
         return None if self.logprobs is None else self.logprobs.completion(entries, offset)
@@ -142,7 +160,8 @@ class CompletionFormat:
         """The whole response, not streamed."""
         return self.head | {
             "choices": [{"index": i, "text": (self.prompts[i] if self.echo else "") + c.text,
-                         "logprobs": None if c.withheld else self._logprobs(c.logprobs, self.base[i]),
+                         "logprobs": None if c.withheld else self.scores[i] if self.scores
+                         else self._logprobs(c.logprobs, self.base[i]),
                          "finish_reason": c.finish_reason}
                         for i, c in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens)}

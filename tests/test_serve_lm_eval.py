@@ -76,4 +76,5 @@ def test_lm_evaluation_harness_scores_local_tasks_through_the_api(served_run, tm
     # `eval bpb` scores the same posts and also each post's end (the next <|endoftext|>): a little more
     (tmp_path / "posts.txt").write_text("\n".join(posts) + "\n", encoding="utf-8")
     ours = bpb(BpbConfig(run=served_run, text=tmp_path / "posts.txt"))["bpb"]
+    print(f"lm-eval bits_per_byte {got:.4f}, the model's own {nats / n_bytes / math.log(2):.4f}, eval bpb {ours:.4f}")
     assert got < ours < got * 1.15, (got, ours)

@@ -323,3 +323,35 @@ def test_generate_streams_samples_in_order_and_a_seed_repeats_them(model, tokeni
     assert first == list(generate(model, tokenizer, cfg))
     with pytest.raises(UserError, match=r"--max-new-tokens \(5000\) exceed the model's context of 2048 tokens"):
         list(generate(model, tokenizer, GenerateConfig(run=Path("unused"), sampling=SamplingParams(max_tokens=5000))))
+
+
+def test_generate_shows_every_sample_even_one_that_ends_at_once(model, tokenizer, tmp_path, capsys):
+    """Each sample starts with (i, ""), so that one whose first token is <|endoftext|> still shows: the CLI prints
+    its header and says it is empty."""
+    from tweetlm.cli import main
+    from tweetlm.model.weights import save_model
+
+    ending = _tiny(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=64))
+    with torch.no_grad():
+        ending.embed.weight.zero_()  # tied: every logit is 0, and greedy takes the first, <|endoftext|>
+    assert tokenizer.boundary_id == 0
+    sampling = dataclasses.replace(GenerateConfig.sampling, max_tokens=10, temperature=0)
+    cfg = GenerateConfig(run=Path("unused"), prompt="Hello", num_samples=3, sampling=sampling)
+    assert list(generate(ending, tokenizer, cfg)) == [(0, ""), (1, ""), (2, "")]
+    streamed = list(generate(model, tokenizer, cfg))  # the random model never ends a post: text follows each start
+    assert [piece for piece in streamed if not piece[1]] == [(0, ""), (1, ""), (2, "")] and streamed[0] == (0, "")
+
+    def printed(m, *args: str) -> str:
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        save_model(m, run)
+        tokenizer.save(run)
+        capsys.readouterr()
+        assert main(["generate", str(run), "--prompt", "Hello", "--max-new-tokens", "10", "--temperature", "0",
+                     "--device", "cpu", *args]) == 0
+        return capsys.readouterr().out
+
+    empty = " (empty: the post ended at once)"
+    assert printed(ending, "--num-samples", "3") == "".join(f"[{i}] Hello{empty}\n" for i in (1, 2, 3))
+    assert printed(ending) == f"Hello{empty}\n"
+    out = printed(model, "--num-samples", "3")  # random text (a newline among it, maybe), each after its header
+    assert out.startswith("[1] Hello") and 0 < out.index("\n[2] Hello") < out.index("\n[3] Hello") and empty not in out

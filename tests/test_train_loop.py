@@ -5,6 +5,9 @@ Regenerate the golden losses after a deliberate numeric change (or a change of t
 tests/golden/train_tiny_losses.json and run test_golden_losses once.
 """
 
+import builtins
+import errno
+import io
 import json
 import os
 import shutil
@@ -18,7 +21,9 @@ import pytest
 import torch
 from helpers import STEPS, TINY, _config, _one_line_error, _records
 
+from tweetlm.artifacts import checkpoint as checkpoint_files
 from tweetlm.artifacts.checkpoint import latest_checkpoint
+from tweetlm.cli import main
 from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import preset
@@ -99,10 +104,15 @@ def test_golden_losses(tiny_run):
         assert losses == pytest.approx(golden["losses"], rel=1e-3)
 
 
-def _cli(tokens: Path, tokenizer: Path, run: Path, *extra: str) -> list[str]:
+def _args(tokens: Path, tokenizer: Path, run: Path, *extra: str) -> list[str]:
+    """`tweetlm train`'s arguments for the TINY settings (a later --steps replaces STEPS)."""
     sets = [f"--set={k}={v}" for k, v in TINY.items() if k not in ("model.preset", "steps")]
-    return [sys.executable, "-m", "tweetlm", "train", "--tokens", str(tokens), "--tokenizer", str(tokenizer),
-            "--out", str(run), "--preset", "tiny", "--steps", str(STEPS), "--device", "cpu", *sets, *extra]
+    return ["train", "--tokens", str(tokens), "--tokenizer", str(tokenizer), "--out", str(run), "--preset", "tiny",
+            "--steps", str(STEPS), "--device", "cpu", *sets, *extra]
+
+
+def _cli(tokens: Path, tokenizer: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tweetlm", *_args(tokens, tokenizer, run, *extra)]
 
 
 def _latest_step(run: Path) -> int:
@@ -163,3 +173,198 @@ def test_time_budget_ends_the_run(small_tokens, small_tokenizer, tmp_path):
     final = train(cfg)
     assert final["time"] >= 0.12 and final["step"] >= 1
     assert latest_checkpoint(tmp_path / "run").name == f"step-{final['step']:06d}"
+
+
+def test_resuming_a_finished_run_says_so_and_gives_its_final_metrics(tiny_run, tmp_path, capsys):
+    run = tmp_path / "finished"
+    shutil.copytree(tiny_run[0], run)
+    capsys.readouterr()
+    final = train(load_config(run / "config.toml", {"out": run}), resume=True)
+    out = capsys.readouterr().out
+    last_loss = [r["loss"] for r in _records(run) if "loss" in r][-1]
+    assert f"{run} already finished at step {STEPS}: nothing to do" in out
+    assert "nan" not in out and f"loss {last_loss:.4g}" in out, out
+    assert {k: final[k] for k in ("step", "loss", "val_loss", "val_bpb", "tokens")} == {
+        k: tiny_run[1][k] for k in ("step", "val_loss", "val_bpb", "tokens")} | {"loss": last_loss}
+    assert _records(run) == _records(tiny_run[0])
+
+
+# ---------------------------------------------------------------- a full disk, a read-only run folder
+
+
+class _FillingDisk(io.RawIOBase):
+    """A file on a disk with `room` bytes left: writes go through up to there, then fail with ENOSPC."""
+
+    def __init__(self, file: io.FileIO, room: int):
+        self._file, self._room = file, room
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        return self._file.fileno()
+
+    def seekable(self):
+        return True
+
+    def seek(self, *args):
+        return self._file.seek(*args)
+
+    def write(self, data):
+        if self._room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no file name, as write() reports it
+        written = self._file.write(bytes(data)[:self._room])
+        self._room -= written
+        return written
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+def _refuse(monkeypatch, refused, error: int, room: int = 0) -> None:
+    """The file system refuses, with `error`, every write to a path for which refused(path) holds: a file opened
+    for writing (by Python's open, which pathlib, DCP and torch.save into a file use), a folder made, a rename to
+    it, and safetensors' own writes (in Rust, past Python's open: its error then names the cause as Rust does).
+    On a full disk (ENOSPC) a file opens, takes `room` bytes, and then its writes fail."""
+    from safetensors import SafetensorError
+
+    real_open, real_mkdir, real_rename, real_save_file = io.open, os.mkdir, os.rename, checkpoint_files.save_file
+
+    def open_(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and refused(Path(file)):
+            if error != errno.ENOSPC:
+                raise OSError(error, os.strerror(error), str(file))
+            filling = io.BufferedWriter(_FillingDisk(io.FileIO(file, mode.replace("b", "").replace("t", "")), room))
+            return filling if "b" in mode else io.TextIOWrapper(filling, encoding=encoding or "utf-8")
+        return real_open(file, mode, buffering, encoding, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if not os.path.lexists(path) and refused(Path(path)):  # an existing folder: EEXIST, as the kernel says
+            raise OSError(error, os.strerror(error), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def rename(src, dst, *args, **kwargs):
+        if refused(Path(dst)):
+            raise OSError(error, os.strerror(error), str(src), None, str(dst))
+        return real_rename(src, dst, *args, **kwargs)
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if refused(Path(filename)):
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(error)} (os error {error})")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    for module, name, fake in ((io, "open", open_), (builtins, "open", open_), (os, "mkdir", mkdir),
+                               (os, "rename", rename), (checkpoint_files, "save_file", save_file)):
+        monkeypatch.setattr(module, name, fake)
+
+
+def _after(name: str, allowed: int):
+    """A `refused` for _refuse: files and folders named NAME (or NAME.tmp), once `allowed` of them were written."""
+    seen = 0
+
+    def refused(path: Path) -> bool:
+        nonlocal seen
+        if not path.name.startswith(name):
+            return False
+        seen += 1
+        return seen > allowed
+
+    return refused
+
+
+# The writes of a run, each refused in turn: (name, how many of its writes go through first, [room,] extra arguments).
+# Four steps with an evaluation, a checkpoint and samples every two: a file written again is refused the second time;
+# a checkpoint's files at step 4's checkpoint, after step 2's is complete. Room: the bytes the file takes before the
+# disk is full, so that large files (~1 MB) fail in their middle, as torch.save and DCP then report it their way.
+FSDP = ("--parallel", "fsdp", "--set=optim.name=adamw")  # one process in a group of one: DCP writes the checkpoints
+RUN_WRITES = [("config.toml", 0), ("tokenizer.json", 0), ("env.json", 0), ("metrics.jsonl", 1), ("loss.png", 1),
+              ("samples.txt", 1)]
+CHECKPOINT_WRITES = [("model.safetensors", 1, 0, ()), ("state.pt", 1, 65536, ()), ("meta.json", 1, 0, ()),
+                     ("step-000004", 0, 0, ()), ("__0_", 1, 65536, FSDP), ("state.json", 1, 0, FSDP)]
+
+
+def _error_line(argv: list[str], capsys) -> str:
+    """The one line of a run that stops mid-way with exit 2: on stderr after the progress bar, on a line of its own."""
+    capsys.readouterr()  # drop what came before
+    assert main(argv) == 2
+    *bar, err, end = capsys.readouterr().err.split("\n")
+    assert err.startswith("tweetlm: error: ") and end == "" and not any("tweetlm" in line for line in bar), bar + [err]
+    return err
+
+
+def _full_disk(name: str, allowed: int, room: int, extra, tokens, tokenizer, run, monkeypatch, capsys) -> str:
+    """The one-line error of a 4-step run on a disk that is full from NAME's write number `allowed` + 1 on."""
+    _refuse(monkeypatch, _after(name, allowed), errno.ENOSPC, room)
+    args = _args(tokens, tokenizer, run, "--steps", "4", "--set=checkpoint.every=2", "--set=eval.every=2",
+                 "--set=eval.samples_every=2", "--set=eval.samples=1", *extra)
+    try:
+        err = _error_line(args, capsys)
+    finally:
+        if torch.distributed.is_initialized():  # a failed fsdp run leaves its group of one: its process would exit
+            torch.distributed.destroy_process_group()
+    assert "No space left on device" in err, err
+    if (run / "checkpoints").is_dir():  # what the run completed loads; a checkpoint that failed left nothing
+        assert not list((run / "checkpoints").glob(".t*")), list((run / "checkpoints").iterdir())
+        assert load_model(run)[0].config.depth == 2
+    return err
+
+
+@pytest.mark.parametrize("name, allowed", RUN_WRITES, ids=[w[0] for w in RUN_WRITES])
+def test_a_full_disk_stops_the_run_with_one_line(name, allowed, small_tokens, small_tokenizer, tmp_path, monkeypatch,
+                                                 capsys):
+    run = tmp_path / "run"
+    err = _full_disk(name, allowed, 0, (), small_tokens, small_tokenizer, run, monkeypatch, capsys)
+    assert f"cannot write {run}" in err, err  # a failed write() names no file: the run folder then
+
+
+@pytest.mark.parametrize("name, allowed, room, extra", CHECKPOINT_WRITES,
+                         ids=[w[0] + ("-sharded" if w[3] else "") for w in CHECKPOINT_WRITES])
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_complete_one(name, allowed, room, extra, small_tokens,
+                                                                 small_tokenizer, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    err = _full_disk(name, allowed, room, extra, small_tokens, small_tokenizer, run, monkeypatch, capsys)
+    last = run / "checkpoints" / "step-000002"
+    assert f"cannot write {run}/checkpoints/step-000004: No space left on device" in err, err
+    assert f"--resume continues from {last}" in err, err
+    assert latest_checkpoint(run) == last
+
+
+def test_a_read_only_run_folder_stops_the_run_with_one_line(small_tokens, small_tokenizer, tmp_path, monkeypatch,
+                                                            capsys):
+    parent, run = tmp_path / "read-only", tmp_path / "run"
+    parent.mkdir()
+    args = _args(small_tokens, small_tokenizer, run, "--set=checkpoint.every=1")
+    assert main(args + ["--steps", "2"]) == 0
+    folders = [parent, run, *(p for p in run.rglob("*") if p.is_dir())]
+    if os.geteuid() == 0:  # root writes whatever the modes say (CI runs as root in a container): refuse instead
+        _refuse(monkeypatch, lambda path: parent in (path, *path.parents) or run in path.parents, errno.EACCES)
+    else:
+        for folder in folders:
+            folder.chmod(0o555)
+    try:
+        err = _one_line_error(_args(small_tokens, small_tokenizer, parent / "run"), capsys)
+        assert f"cannot write {parent}" in err and "Permission denied" in err, err
+        err = _error_line(args + ["--steps", "4", "--resume"], capsys)
+        assert f"cannot write {run}" in err and "Permission denied" in err, err
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert latest_checkpoint(run).name == "step-000002" and load_model(run)[0].config.depth == 2
+
+
+def test_resume_after_a_failed_checkpoint_starts_from_the_last_complete_one(tiny_run, small_tokens, small_tokenizer,
+                                                                           tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = _config(small_tokens, small_tokenizer, run, **{"eval.every": 8, "checkpoint.every": 8})
+    with monkeypatch.context() as m:
+        _refuse(m, _after("state.pt", 1), errno.ENOSPC, room=65536)  # the disk fills up in step 16's checkpoint
+        with pytest.raises(UserError, match="step-000016: No space left on device"):
+            train(cfg)
+    assert latest_checkpoint(run).name == "step-000008" and not list((run / "checkpoints").glob(".t*"))
+    train(cfg, resume=True)
+    a, b = _records(tiny_run[0]), _records(run)
+    assert [(r["step"], r["loss"]) for r in a if "loss" in r] == [(r["step"], r["loss"]) for r in b if "loss" in r]
+    assert [r for r in a if "val_loss" in r] == [r for r in b if "val_loss" in r]
+    final = f"checkpoints/step-{STEPS:06d}/model.safetensors"
+    assert (tiny_run[0] / final).read_bytes() == (run / final).read_bytes()

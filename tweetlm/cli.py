@@ -416,19 +416,24 @@ def _model_presets(a):
 
 
 def _generate(a):
+    import itertools
+
     from tweetlm.device import resolve_device
     from tweetlm.infer.generate import GenerateConfig, generate
     from tweetlm.model.weights import load_model
 
     cfg = _config(GenerateConfig, a)
     model, tokenizer = load_model(cfg.run, device=resolve_device(cfg.device))
-    current = None
-    for i, piece in generate(model, tokenizer, cfg):
-        if i != current:  # samples stream one after another when several are asked for
-            print(("\n" if current is not None else "") + (f"[{i + 1}] " if cfg.num_samples > 1 else "") + cfg.prompt, end="")
-            current = i
-        print(piece, end="", flush=True)
-    print()
+    # samples stream one after another (when several are asked for), each opened by (i, ""): a post that ended at
+    # once (its first token <|endoftext|>) still shows its header, and says so
+    for i, pieces in itertools.groupby(generate(model, tokenizer, cfg), key=lambda piece: piece[0]):
+        header = (f"[{i + 1}] " if cfg.num_samples > 1 else "") + cfg.prompt
+        print(header, end="", flush=True)
+        text = ""
+        for _, piece in pieces:
+            print(piece, end="", flush=True)
+            text += piece
+        print("" if text else " (empty: the post ended at once)" if header else "(empty: the post ended at once)")
 
 
 def _add_model(sub):

@@ -21,21 +21,24 @@ Either layout resumes at any world size, under ddp or fsdp, and `load_model` rea
 
 A checkpoint is written into checkpoints/.tmp-step-NNNNNN (by every rank at once when sharded) and renamed into
 place by rank 0 once every file is written and flushed, and an old one is renamed to .trash-... before it is
-deleted, so a `step-*` folder is always complete, whenever any process is killed. DCP's .metadata is a pickle:
-it is read by an unpickler that builds DCP's index classes only, and only tensors are ever read from a sharded
-checkpoint (with torch.load(weights_only=True)), so loading never runs code from the files.
+deleted, so a `step-*` folder is always complete, whenever any process is killed or the disk fills up (`writing`
+then removes the staging folder and raises the file system's error as an OSError naming the checkpoint).
+DCP's .metadata is a pickle: it is read by an unpickler that builds DCP's index classes only, and only tensors are
+ever read from a sharded checkpoint (with torch.load(weights_only=True)), so loading never runs code from the files.
 """
 
+import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tweetlm.errors import UserError
@@ -70,6 +73,42 @@ def staging(run: Path, step: int) -> Path:
     return step_folder(run, step).with_name(f".tmp-step-{step:06d}")
 
 
+@contextlib.contextmanager
+def writing(run: Path, step: int):
+    """Around writing `step`'s checkpoint, from `begin` through `commit`, on every rank. If the block fails, rank 0
+    removes the staging folder (where the file system lets it; else the next commit does) and a write the file
+    system refused (full disk, read-only folder) comes out as an OSError naming the checkpoint, whichever library
+    met it. No step-N folder appears but by commit's rename of a whole one: the last complete checkpoint stays."""
+    try:
+        yield
+    except BaseException as e:
+        if _is_main():
+            shutil.rmtree(staging(run, step), ignore_errors=True)
+        refused = _refused_write(e)
+        if refused is None:
+            raise
+        final = step_folder(run, step)  # once in place, what failed was dropping an old one: RUN/checkpoints then
+        raise OSError(refused.errno, refused.strerror, str(final.parent if _is_checkpoint(final) else final)) from e
+
+
+def _refused_write(e: BaseException | None, depth: int = 0) -> OSError | None:
+    """The OSError behind a failed write, or None: `e` itself, or what a library wrapped it in. torch.save raises
+    a RuntimeError ("unexpected pos") while handling it, DCP a CheckpointException holding each rank's error, and
+    safetensors (whose writes are in Rust) an error naming it only in its message, as Rust does: "... (os error 28)"."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, OSError) and e.errno is not None:  # not io.UnsupportedOperation and the like
+        return e
+    if isinstance(e, SafetensorError) and (code := re.search(r"\(os error (\d+)\)", str(e))):
+        return OSError(int(code[1]), os.strerror(int(code[1])))
+    inner = [e.__cause__, e.__context__]
+    if isinstance(e, CheckpointException):
+        inner += [failure for failure, _ in e.failures.values()]
+    return next((found for x in inner if (found := _refused_write(x, depth + 1)) is not None), None)
+
+
 def begin(run: Path, step: int) -> Path:
     """An empty staging folder for `step` (rank 0 makes it; under a process group the others wait at a barrier
     before writing into it)."""
@@ -85,18 +124,41 @@ def write_whole(folder: Path, *, weights: dict[str, torch.Tensor], config: dict,
     # one metadata key: safetensors writes several in hash-map order, and the same weights should give the same bytes
     save_file({name: w.detach().contiguous() for name, w in weights.items()}, folder / "model.safetensors",
               metadata={"model_config": json.dumps(config)})
-    torch.save(state, folder / "state.pt")
+    # into a file opened here: torch.save's own file reports a full disk as a bare RuntimeError; with this one the
+    # RuntimeError keeps the OSError as its context, where `writing` finds it
+    with open(folder / "state.pt", "wb") as f:
+        torch.save(state, f)
 
 
 def write_sharded(folder: Path, tensors: dict, *, config: dict, state: dict) -> None:
     """The sharded layout, by every rank of the process group at once: DCP writes each rank's share of `tensors`
     ({"model": {NAME: weight}, "optim": {NAME: {KEY: state}}}, whole or DTensor shards), rank 0 the JSON files."""
-    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint import save
 
-    save(tensors, storage_writer=FileSystemWriter(folder))  # fsyncs; rank 0 writes .metadata last
+    save(tensors, storage_writer=_writer(folder))  # fsyncs; rank 0 writes .metadata last
     if _is_main():
         (folder / "model.json").write_text(json.dumps(config) + "\n")
         (folder / "state.json").write_text(json.dumps(state) + "\n")
+
+
+def _writer(folder: Path):
+    """DCP's file writer, raising a write the file system refused (full disk) as the OSError it is. DCP writes each
+    tensor with torch.save, whose RuntimeError keeps the OSError only as its __context__, and sends it through its
+    collectives, pickled, which drops the context: this writer raises the OSError before that (DCP writes here, in
+    write_data, with the default thread_count of 1)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class RefusedWriteWriter(FileSystemWriter):
+        def write_data(self, *args, **kwargs):
+            try:
+                return super().write_data(*args, **kwargs)
+            except Exception as e:
+                refused = _refused_write(e)
+                if refused is None:
+                    raise
+                raise refused from e
+
+    return RefusedWriteWriter(folder)
 
 
 def commit(folder: Path, *, step: int, val: dict | None, keep: int) -> Path:

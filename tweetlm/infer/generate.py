@@ -26,8 +26,9 @@ class GenerateConfig:
 
 
 def generate(model, tokenizer, cfg: GenerateConfig) -> Iterator[tuple[int, str]]:
-    """Streams (sample index, text piece), one sample after the other (the engine decodes them all at once).
-    Each sample is a new post after `cfg.prompt`; with a seed, sample i uses seed + i."""
+    """Streams (sample index, text piece), one sample after the other (the engine decodes them all at once):
+    (i, "") when sample i starts, then its non-empty pieces, none when the post ends at once (<|endoftext|> or a
+    stop string first). Each sample is a new post after `cfg.prompt`; with a seed, sample i uses seed + i."""
     prompt_ids = [tokenizer.boundary_id] + tokenizer.encode(cfg.prompt)
     max_tokens = cfg.sampling.max_tokens
     if len(prompt_ids) + max_tokens > model.config.max_seq_len:  # the engine's check, in the flags' words
@@ -38,6 +39,7 @@ def generate(model, tokenizer, cfg: GenerateConfig) -> Iterator[tuple[int, str]]
                     for i in range(cfg.num_samples)]
         try:
             for i, request in enumerate(requests):
+                yield i, ""  # every sample shows, an empty one too
                 for delta in request:
                     if delta.text:
                         yield i, delta.text

@@ -19,17 +19,19 @@ from tweetlm.train.dist import barrier, is_distributed, is_main, like, param_nam
 def save_checkpoint(run: Path, *, step: int, model: Llama, optimizers: list, state: dict,
                     val: dict | None, keep: int) -> Path:
     """Write RUN/checkpoints/step-NNNNNN atomically, then drop all but the last `keep` and the best.
-    Under a process group every rank calls it; it returns on all once the checkpoint is in place."""
-    tmp = files.begin(run, step) if is_main() else files.staging(run, step)
+    Under a process group every rank calls it; it returns on all once the checkpoint is in place. A write the file
+    system refuses raises an OSError naming the checkpoint, and leaves the last complete one the latest."""
     params, config = param_names(model), dataclasses.asdict(model.config)
-    if is_distributed():
-        barrier()  # the empty tmp folder exists before anyone writes into it
-        files.write_sharded(tmp, _live(params, optimizers), config=config, state={**state, "step": step})
-    else:
-        files.write_whole(tmp, weights=params, config=config, state={
-            **state, "step": step, "optimizers": [opt.state_dict() for opt in optimizers], "rng": _rng_state()})
-    if is_main():
-        files.commit(tmp, step=step, val=val, keep=keep)
+    with files.writing(run, step):
+        tmp = files.begin(run, step) if is_main() else files.staging(run, step)
+        if is_distributed():
+            barrier()  # the empty tmp folder exists before anyone writes into it
+            files.write_sharded(tmp, _live(params, optimizers), config=config, state={**state, "step": step})
+        else:
+            files.write_whole(tmp, weights=params, config=config, state={
+                **state, "step": step, "optimizers": [opt.state_dict() for opt in optimizers], "rng": _rng_state()})
+        if is_main():
+            files.commit(tmp, step=step, val=val, keep=keep)
     barrier()
     return files.step_folder(run, step)
 

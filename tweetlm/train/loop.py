@@ -16,7 +16,9 @@ forward/backward, clip, step, log. The run folder RUN/ holds:
     loss.png        train and val loss by step, redrawn at each evaluation
     samples.txt     a few posts written by the model at every samples_every steps and at the end
 With several processes, every rank trains on its share of each step's batch (batches.py) and writes its shards
-of the checkpoints; only rank 0 writes the rest of RUN/ and prints.
+of the checkpoints; only rank 0 writes the rest of RUN/ and prints. A write the file system refuses (read-only
+folder, full disk) ends the run with one line naming the file and the cause (`train` translates the OSError);
+the last complete checkpoint stays, for `--resume`.
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from tweetlm.artifacts.checkpoint import latest_checkpoint
 from tweetlm.artifacts.files import write_text
-from tweetlm.artifacts.runs import environment, log_metrics, plot_losses, trim_metrics
+from tweetlm.artifacts.runs import environment, log_metrics, plot_losses, read_metrics, trim_metrics
 from tweetlm.device import autocast, device_name
 from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama
@@ -57,7 +59,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None, val=None) -> 
     With both, cfg.tokens is not read (the tokenizer is then cfg.tokenizer's or init_from's)."""
     device = rank_device(cfg.device)
     with process_group(device, cfg.parallel):
-        return _loop(cfg, _setup(cfg, device, resume=resume, batches=batches, val=val))
+        try:
+            return _loop(cfg, _setup(cfg, device, resume=resume, batches=batches, val=val))
+        except OSError as e:  # every write of the run (run folder, checkpoints) ends here when the file system refuses
+            if isinstance(e, ConnectionError):  # a closed pipe or socket (output piped into head), not RUN's files
+                raise
+            raise _refused(Path(cfg.out), e) from None
+
+
+def _refused(run: Path, e: OSError) -> UserError:
+    """A write the file system refused, as one line: where, why, and where `--resume` goes on from."""
+    last = latest_checkpoint(run)
+    then = f"; then --resume continues from {last}" if last else ""
+    return UserError(f"cannot write {e.filename or run}: {e.strerror or e}; check that {run} is writable and has free "
+                     f"space{then}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +96,7 @@ class _Setup:
     train_time: float  # seconds spent training (evaluation and checkpoints not counted)
     tokens_seen: int
     last_val: dict  # the latest evaluation, {"val_loss", "val_bpb"}
+    loss: float | None  # the last train loss in metrics.jsonl up to `step`: the final one of a run resumed at its end
 
 
 def _setup(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val) -> _Setup:
@@ -132,11 +148,12 @@ def _setup(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
             raise UserError(f"{cfg.tokens} has no val document followed by {seq_len} tokens: lower model.seq_len or add val data")
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
 
-    step, train_time, tokens_seen, last_val = 0, 0.0, 0, {}
+    step, train_time, tokens_seen, last_val, loss = 0, 0.0, 0, {}, None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizers)
         batches.load_state_dict(state["loader"])
         step, train_time, tokens_seen, last_val = state["step"], state["train_time"], state["tokens"], state["val"]
+        loss = next((r["loss"] for r in reversed(read_metrics(run)) if "loss" in r and r["step"] <= step), None)
         print0(f"resumed from {checkpoint} (step {step})")
     model.train()
 
@@ -150,7 +167,7 @@ def _setup(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
     return _Setup(run=run, device=device, tokenizer=tokenizer, model=model, forward=forward, optimizers=optimizers,
                   batches=batches, val=val, token_bytes=token_bytes, grad_accum=grad_accum,
                   flops_per_step=flops_per_step, peak=peak, checkpoint=checkpoint, step=step, train_time=train_time,
-                  tokens_seen=tokens_seen, last_val=last_val)
+                  tokens_seen=tokens_seen, last_val=last_val, loss=loss)
 
 
 def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
@@ -160,57 +177,59 @@ def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
     optimizers, batches, grad_accum = setup.optimizers, setup.batches, setup.grad_accum
     step, train_time, tokens_seen, last_val = setup.step, setup.train_time, setup.tokens_seen, setup.last_val
     start_step = step
+    loss, session_tokens, session_time = setup.loss, 0, 0.0  # tokens/s over this session, first step left out
     bar = tqdm(total=1000, disable=not is_main(), bar_format="{l_bar}{bar}| {remaining} left{postfix}", mininterval=0.5)
-    loss, session_tokens, session_time = float("nan"), 0, 0.0  # tokens/s over this session, first step left out
-    while True:
-        progress = _progress(cfg, step, train_time)
-        last = progress >= 1
-        bar.update(min(1000, int(1000 * progress)) - bar.n)
-        done_before = setup.checkpoint is not None and step == start_step  # this step's eval and checkpoint are already on disk
-        evaluated = False
-        if (step % cfg.eval.every == 0 or last) and not done_before:
-            last_val = evaluate(forward, setup.val, setup.token_bytes, device, reduce=all_reduce_sum)
-            evaluated = True
-            if is_main():
-                log_metrics(run, {"step": step, "tokens": tokens_seen, **last_val})
-                plot_losses(run)
-        if ((step % cfg.checkpoint.every == 0 and step > 0) or last) and not done_before:
-            save_checkpoint(run, step=step, model=model, optimizers=optimizers, val=last_val if evaluated else None,
-                            keep=cfg.checkpoint.keep, state={"loader": batches.state_dict(), "train_time": train_time,
-                                                             "tokens": tokens_seen, "val": last_val})
-        if ((step % cfg.eval.samples_every == 0 and step > 0) or last) and not done_before:
-            _write_samples(run, model, setup.tokenizer, step=step, n=cfg.eval.samples, seed=cfg.seed, device=device)
-        if last:
-            break
+    with bar:  # closed however the loop ends, so that an error's one line (a full disk) starts a line of its own
+        while True:
+            progress = _progress(cfg, step, train_time)
+            last = progress >= 1
+            bar.update(min(1000, int(1000 * progress)) - bar.n)
+            done_before = setup.checkpoint is not None and step == start_step  # this step's eval and checkpoint are already on disk
+            evaluated = False
+            if (step % cfg.eval.every == 0 or last) and not done_before:
+                last_val = evaluate(forward, setup.val, setup.token_bytes, device, reduce=all_reduce_sum)
+                evaluated = True
+                if is_main():
+                    log_metrics(run, {"step": step, "tokens": tokens_seen, **last_val})
+                    plot_losses(run)
+            if ((step % cfg.checkpoint.every == 0 and step > 0) or last) and not done_before:
+                save_checkpoint(run, step=step, model=model, optimizers=optimizers, val=last_val if evaluated else None,
+                                keep=cfg.checkpoint.keep, state={"loader": batches.state_dict(), "train_time": train_time,
+                                                                 "tokens": tokens_seen, "val": last_val})
+            if ((step % cfg.eval.samples_every == 0 and step > 0) or last) and not done_before:
+                _write_samples(run, model, setup.tokenizer, step=step, n=cfg.eval.samples, seed=cfg.seed, device=device)
+            if last:
+                break
 
-        t0 = time.perf_counter()
-        set_lr(optimizers, lr_multiplier(_progress(cfg, step + 1, train_time), cfg.optim))
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            inputs, targets = (t.to(device, non_blocking=True) for t in batches.next())
-            with grad_sync(forward, micro == grad_accum - 1):
-                with autocast(device):
-                    micro_loss = forward(inputs, targets)
-                (micro_loss / grad_accum).backward()  # ddp and fsdp average over ranks: the mean over the global batch
-            loss_sum += micro_loss.detach()
-        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        loss = all_reduce_sum(loss_sum).item() / cfg.grad_accum  # waits for the device, so dt is the step's real time
-        dt = agree(time.perf_counter() - t0)  # rank 0's clock: every rank must see a time budget end on the same step
+            t0 = time.perf_counter()
+            set_lr(optimizers, lr_multiplier(_progress(cfg, step + 1, train_time), cfg.optim))
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                inputs, targets = (t.to(device, non_blocking=True) for t in batches.next())
+                with grad_sync(forward, micro == grad_accum - 1):
+                    with autocast(device):
+                        micro_loss = forward(inputs, targets)
+                    (micro_loss / grad_accum).backward()  # ddp and fsdp average over ranks: the mean over the global batch
+                loss_sum += micro_loss.detach()
+            grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            loss = all_reduce_sum(loss_sum).item() / cfg.grad_accum  # waits for the device, so dt is the step's real time
+            dt = agree(time.perf_counter() - t0)  # rank 0's clock: every rank must see a time budget end on the same step
 
-        step, train_time, tokens_seen = step + 1, train_time + dt, tokens_seen + cfg.batch_tokens
-        if step > start_step + 1:
-            session_tokens, session_time = session_tokens + cfg.batch_tokens, session_time + dt
-        mfu = setup.flops_per_step / dt / setup.peak if setup.peak else None
-        if step % cfg.log_every == 0 and is_main():
-            log_metrics(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
-                       "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
-                       "mfu": mfu, "time": train_time})
-        bar.set_postfix_str(f"step {step} loss {loss:.3f} {cfg.batch_tokens / dt:,.0f} tok/s"
-                            + (f" MFU {mfu:.1%}" if mfu else ""), refresh=False)
-    bar.close()
+            step, train_time, tokens_seen = step + 1, train_time + dt, tokens_seen + cfg.batch_tokens
+            if step > start_step + 1:
+                session_tokens, session_time = session_tokens + cfg.batch_tokens, session_time + dt
+            mfu = setup.flops_per_step / dt / setup.peak if setup.peak else None
+            if step % cfg.log_every == 0 and is_main():
+                log_metrics(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
+                                  "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
+                                  "mfu": mfu, "time": train_time})
+            bar.set_postfix_str(f"step {step} loss {loss:.3f} {cfg.batch_tokens / dt:,.0f} tok/s"
+                                + (f" MFU {mfu:.1%}" if mfu else ""), refresh=False)
+    if setup.checkpoint is not None and step == start_step:  # resumed at its end: no step left to run
+        print0(f"{run} already finished at step {step}: nothing to do (raise --steps or --time-budget to go on)")
     tok_per_s = session_tokens / session_time if session_time else None
     final = {"step": step, "loss": loss, **last_val, "tokens": tokens_seen, "time": train_time, "tok_per_s": tok_per_s,
              "mfu": tok_per_s * setup.flops_per_step / cfg.batch_tokens / setup.peak if tok_per_s and setup.peak else None}

@@ -271,6 +271,15 @@ def test_prompt_logprobs_score_every_prompt_token_as_a_full_forward(model, token
         SamplingParams(max_tokens=0)
 
 
+def test_scoring_the_prompt_changes_no_generated_token(model, tokenizer):
+    """The first token comes from the prompt's last position, also when the scored chunk is alone in its step."""
+    prompt = _prompt(tokenizer, POSTS[3])
+    with Engine(model, tokenizer) as engine:
+        plain = _collect(engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0)))
+        scored = _collect(engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0)))
+    assert scored.tokens == plain.tokens
+
+
 @pytest.mark.parametrize("overrides", [dict(qk_norm=True, tie_embeddings=False), dict(n_kv_heads=1)])
 def test_engine_decoding_equals_full_recomputation(tokenizer, overrides):
     """The engine's forward (fused, packed, cached) against Llama.forward over the whole sequence, on the

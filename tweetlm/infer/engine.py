@@ -15,6 +15,9 @@ state of each request (tokens, cache slot, generator, penalty counts, text) in a
 consumer's side, which the thread reaches only through Request._put and which reaches the thread only through
 the cancel callback it is built with.
 
+A step's token count is padded to one of few sizes, so that the kernels oneDNN compiles and keeps per matmul shape
+stay few and the process's memory stays flat under load: see PAD_TOKENS.
+
 Batch invariance: a request's tokens, logprobs included, are the same bits alone or beside any others, for
 greedy and seeded sampling. Its chunks are cut at fixed offsets of its own prompt, attention runs per row
 (kv_cache.py), the matmuls and elementwise ops give every row the same bits at any batch size
@@ -41,6 +44,18 @@ __all__ = ["Engine", "Request", "SamplingParams", "Delta", "TokenLogprob"]
 # with a 256-token chunk takes ~6.5 ms (bench/infer.py: 8 prompts of 64 tokens, 2 such steps, 12.9 ms to
 # their first tokens), about 4 decode steps of batch 8: what a long prompt adds to others' next token.
 PREFILL_CHUNK = 256
+
+# A step of more tokens than max_batch_size (a prefill chunk beside decode rows) is padded up to a multiple of
+# PAD_TOKENS by a padding row in a cache slot of its own; a decode step (at most max_batch_size tokens) never is.
+# Why: oneDNN and ideep above it cache a compiled kernel per matmul shape, ~560 KiB each (torch 2.13, measured
+# for each of the small preset's 5 matrices at any row count), evicted only past 1024 shapes per cache. With one
+# shape per token count, a server grew with each new count: bench/serve.py --soak (64 streaming clients, then 200
+# hanging up, per round) went 460 -> 978 MB RSS in 20 rounds, still +11.7 MB a round over the last 10. Padded, a
+# step has one of at most max_batch_size + (PREFILL_CHUNK + max_batch_size) / PAD_TOKENS token counts (40 at 32),
+# all met in the first rounds: 430 -> 534 MB, +0.06 MB a round over the last 10 (docs/benchmarks.md). The padding
+# is less than PAD_TOKENS tokens on a step of more than max_batch_size (64 prompts of 20-120 tokens: 386-422 ms
+# against 378-399 unpadded, within this VM's noise), and changes no bits of the other rows.
+PAD_TOKENS = 32
 
 
 @dataclass
@@ -218,6 +233,7 @@ class Engine:
             raise UserError(f"max_batch_size {max_batch_size}: must be at least 1")
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
+        self._max_batch_size = max_batch_size  # also the cache's padding slot: the last, written by padding rows only
         self._device, self._vocab_size = model.embed.weight.device, cfg.vocab_size
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._cond = threading.Condition()  # guards everything below that both threads touch
@@ -300,7 +316,8 @@ class Engine:
         with torch.inference_mode():  # no autograd bookkeeping on any op of this thread
             try:
                 self._runner = Runner(model)
-                self._cache = KVCache(model.config, slots, self.max_seq_len, dtype=self._runner.dtype, device=self._device)
+                self._cache = KVCache(model.config, slots + 1, self.max_seq_len, dtype=self._runner.dtype,
+                                      device=self._device)  # + the padding slot
             except BaseException as e:
                 self._error = e
                 return
@@ -349,17 +366,25 @@ class Engine:
                     continue
                 prefill += n
             rows.append((s, n))
-        tokens = torch.tensor([t for s, n in rows for t in s.ids[s.cached:s.cached + n]], device=self._device)
+        tokens = [t for s, n in rows for t in s.ids[s.cached:s.cached + n]]
         scoring = [s.prompt_scores is not None and s.cached < s.request.prompt_tokens for s, _ in rows]
-        batch = Batch(self._cache, [s.slot for s, _ in rows], [s.cached for s, _ in rows], [n for _, n in rows],
-                      every=scoring)
-        logits = self._runner.forward(tokens, batch, self._cache)  # [M, V]
+        slots, starts, lengths = [s.slot for s, _ in rows], [s.cached for s, _ in rows], [n for _, n in rows]
+        if len(tokens) > self._max_batch_size:  # a prefill step: padded to one of few sizes (see PAD_TOKENS)
+            multiple = min(PAD_TOKENS, self.max_seq_len)  # the padding row's positions stay within the cache
+            if pad := -len(tokens) % multiple:
+                tokens += [0] * pad
+                slots, starts, lengths = slots + [self._max_batch_size], starts + [0], lengths + [pad]
+                scoring = scoring + [False]
+        batch = Batch(self._cache, slots, starts, lengths, every=scoring)
+        logits = self._runner.forward(torch.tensor(tokens, device=self._device), batch, self._cache)  # [M, V]
         for (s, n), end, scored in zip(rows, batch.ends, scoring):
             if scored:
                 s.score(logits[end - n + 1:end + 1])
             s.cached += n
-        if batch.outputs is not None:
-            logits = logits[batch.ends]  # [R, V] each row's last token
+        # more logits than rows: a scored prompt's every token (also when every token of the step is an output and
+        # batch.outputs is None), or a padding row's
+        if len(logits) != len(rows):
+            logits = logits[batch.ends[:len(rows)]]  # [R, V] each row's last token
         ready = [i for i, (s, _) in enumerate(rows) if s.cached == len(s.ids)]  # the rest are mid-prompt
         for i in ready:
             if (s := rows[i][0]).prompt_scores is not None and s.request.prompt_logprobs is None:

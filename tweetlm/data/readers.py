@@ -92,31 +92,23 @@ class Dropped:
 # ---------------------------------------------------------------- opening and detection
 
 
-class _ZstdReader(io.RawIOBase):
-    """Decompresses zstd frames one after another; raises EOFError if the input ends inside a
-    frame (python-zstandard's stream_reader ends silently there, hiding a truncated file)."""
+class _Converted(io.RawIOBase):
+    """Another stream's bytes, converted a block at a time: `_more` puts the next converted block in self._out."""
 
     def __init__(self, raw):
-        self._raw, self._dobj, self._fed = raw, zstandard.ZstdDecompressor().decompressobj(), False
-        self._out, self._pos = b"", 0
+        self._raw, self._out, self._pos = raw, b"", 0
 
     def readable(self) -> bool:
         return True
 
+    def _more(self) -> bool:
+        """Read and convert the next block into self._out (self._pos back to 0); False at the end of the input."""
+        raise NotImplementedError
+
     def readinto(self, buf) -> int:
         while self._pos == len(self._out):
-            chunk = self._raw.read(1 << 16)
-            if not chunk:
-                if self._fed and not self._dobj.eof:
-                    raise EOFError("zstd stream ended inside a frame")
+            if not self._more():
                 return 0
-            self._out, self._pos = b"", 0
-            while chunk:  # a chunk may end one frame and start the next
-                if self._dobj.eof:
-                    self._dobj, self._fed = zstandard.ZstdDecompressor().decompressobj(), False
-                self._out += self._dobj.decompress(chunk)
-                self._fed = True
-                chunk = self._dobj.unused_data if self._dobj.eof else b""
         n = min(len(buf), len(self._out) - self._pos)
         buf[:n] = self._out[self._pos:self._pos + n]
         self._pos += n
@@ -127,36 +119,51 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-class _Utf8Reader(io.RawIOBase):
+class _ZstdReader(_Converted):
+    """Decompresses zstd frames one after another; raises EOFError if the input ends inside a
+    frame (python-zstandard's stream_reader ends silently there, hiding a truncated file)."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self._dobj, self._fed = zstandard.ZstdDecompressor().decompressobj(), False
+
+    def _more(self) -> bool:
+        chunk = self._raw.read(1 << 16)
+        if not chunk:
+            if self._fed and not self._dobj.eof:
+                raise EOFError("zstd stream ended inside a frame")
+            return False
+        self._out, self._pos = b"", 0
+        while chunk:  # a chunk may end one frame and start the next
+            if self._dobj.eof:
+                self._dobj, self._fed = zstandard.ZstdDecompressor().decompressobj(), False
+            self._out += self._dobj.decompress(chunk)
+            self._fed = True
+            chunk = self._dobj.unused_data if self._dobj.eof else b""
+        return True
+
+
+class _Utf8Reader(_Converted):
     """UTF-16 or UTF-32 bytes (BOM first) as UTF-8 bytes. A lone surrogate comes out as bytes that are not UTF-8, so
     its line is malformed like any invalid UTF-8; bytes that decode to nothing (a cut last code unit, a code point
     past U+10FFFF) end the stream with an OSError, which the readers count as a malformed record."""
 
     def __init__(self, raw, encoding: str):
-        self._raw, self._encoding = raw, encoding
+        super().__init__(raw)
+        self._encoding, self._done = encoding, False
         self._decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")  # it drops the BOM
-        self._out, self._pos, self._done = b"", 0, False
 
-    def readable(self) -> bool:
+    def _more(self) -> bool:
+        if self._done:
+            return False
+        chunk = self._raw.read(1 << 16)
+        self._done = not chunk
+        try:
+            text = self._decoder.decode(chunk, final=self._done)
+        except UnicodeDecodeError as e:
+            raise OSError(f"invalid {self._encoding.upper()}: {e.reason}") from None
+        self._out, self._pos = text.encode("utf-8", "surrogatepass"), 0
         return True
-
-    def readinto(self, buf) -> int:
-        while self._pos == len(self._out) and not self._done:
-            chunk = self._raw.read(1 << 16)
-            self._done = not chunk
-            try:
-                text = self._decoder.decode(chunk, final=self._done)
-            except UnicodeDecodeError as e:
-                raise OSError(f"invalid {self._encoding.upper()}: {e.reason}") from None
-            self._out, self._pos = text.encode("utf-8", "surrogatepass"), 0
-        n = min(len(buf), len(self._out) - self._pos)
-        buf[:n] = self._out[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
 
 
 def _decompressed(path: Path) -> io.BufferedIOBase:

@@ -93,17 +93,14 @@ class Dropped:
 
 
 class _Converted(io.RawIOBase):
-    """Another stream's bytes, converted a block at a time: `_more` puts the next converted block in self._out."""
+    """Another stream's bytes, converted a block at a time. Each subclass defines `_more() -> bool`: read and convert
+    the next block into self._out (self._pos back to 0), False at the end of the input."""
 
     def __init__(self, raw):
         self._raw, self._out, self._pos = raw, b"", 0
 
     def readable(self) -> bool:
         return True
-
-    def _more(self) -> bool:
-        """Read and convert the next block into self._out (self._pos back to 0); False at the end of the input."""
-        raise NotImplementedError
 
     def readinto(self, buf) -> int:
         while self._pos == len(self._out):

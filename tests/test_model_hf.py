@@ -71,7 +71,7 @@ def _make_run(run: Path, tokenizer: Tokenizer, **shape) -> Llama:
     {"tie_embeddings": False, "n_kv_heads": 4},
     {"tie_embeddings": True, "qk_norm": True},  # goes out as Qwen 3
 ], ids=["tied-gqa", "untied-mha", "qk_norm"])
-def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokenizer, tmp_path, shape):
+def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokenizer, tmp_path, shape, monkeypatch, capsys):
     tokenizer = Tokenizer.load(small_tokenizer)
     ours = _make_run(tmp_path / "run", tokenizer, **shape)
     export_hf(tmp_path / "run", tmp_path / "hf")
@@ -96,6 +96,17 @@ def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokeniz
     assert back.config == ours.config
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
     assert back_tokenizer.hash == tokenizer.hash
+
+    # a full disk while importing: one line naming the checkpoint, exit 2, no checkpoint left half-written
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tweetlm.artifacts.checkpoint.torch.save", full)
+    capsys.readouterr()  # what came before (transformers' progress bars)
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "step-000000" in err[0], err
+    assert not (tmp_path / "full" / "checkpoints").exists() or not any((tmp_path / "full" / "checkpoints").iterdir())
 
 
 def test_export_bfloat16_from_the_cli(small_tokenizer, tmp_path):

@@ -751,4 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as coreutils do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
+    except OSError as e:  # what the file system refused (full disk, read-only folder) in any verb: one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tweetlm: error: {where}{e.strerror or e}; check that the path is writable and has free space",
+              file=sys.stderr)
+        return 2
     return 0

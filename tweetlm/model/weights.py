@@ -29,7 +29,8 @@ def load_model(run_dir: Path, *, device: str | torch.device = "cpu") -> tuple[Ll
 
 def save_model(model: Llama, run: Path, *, step: int = 0) -> Path:
     """RUN/checkpoints/step-NNNNNN holding `model`'s weights and no training state; load_model reads it."""
-    folder = checkpoint.begin(run, step)
-    checkpoint.write_whole(folder, weights=dict(model.named_parameters()), config=dataclasses.asdict(model.config),
-                           state={"step": step})
-    return checkpoint.commit(folder, step=step, val=None, keep=1)
+    with checkpoint.writing(run, step):  # a refused write names the checkpoint and leaves no half of it
+        folder = checkpoint.begin(run, step)
+        checkpoint.write_whole(folder, weights=dict(model.named_parameters()), config=dataclasses.asdict(model.config),
+                               state={"step": step})
+        return checkpoint.commit(folder, step=step, val=None, keep=1)

@@ -99,25 +99,22 @@ class Logprobs:
         """Legacy completions' `logprobs` with echo: every echoed prompt token (null where it has no context: the
         first of a token-id prompt), then every generated one, end tokens included, so that the lists align with
         the request's tokens (what lm-evaluation-harness reads); `text_offset` from the echoed prompt's start."""
-        tokens, logprobs, tops, offsets, offset = [], [], [], [], 0
-        for token_id, e in [*zip(prompt_ids, prompt_entries), *((e.token_id, e) for e in entries)]:
+        return self._lists([*zip(prompt_ids, prompt_entries), *((e.token_id, e) for e in entries)], 0)
+
+    def completion(self, entries: list, offset: int) -> dict:
+        """Legacy completions' `logprobs`: parallel lists, `text_offset` counted from `offset`."""
+        return self._lists([(e.token_id, e) for e in self._text(entries)], offset)
+
+    def _lists(self, pairs: list, offset: int) -> dict:
+        """(token id, TokenLogprob or None) pairs as OpenAI's parallel lists; None gives null logprob and top."""
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for token_id, e in pairs:
             tokens.append(token := self._decode(token_id))
             logprobs.append(None if e is None else e.logprob)
             tops.append(None if e is None else {self._decode(i): lp for i, lp in e.top})
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-    def completion(self, entries: list, offset: int) -> dict:
-        """Legacy completions' `logprobs`: parallel lists, `text_offset` counted from `offset`."""
-        entries = self._text(entries)
-        tokens = [self._decode(e.token_id) for e in entries]
-        offsets = []
-        for token in tokens:
-            offsets.append(offset)
-            offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._decode(i): lp for i, lp in e.top} for e in entries], "text_offset": offsets}
 
 
 class CompletionFormat:

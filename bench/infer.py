@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("TWEETLM_DATA") or ROOT.parent / "shared" / "data")  # bench/gpu.sh carries a copy
 
 
 def _posts() -> list[str]:

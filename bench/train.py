@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("TWEETLM_DATA") or ROOT.parent / "shared" / "data")  # bench/gpu.sh carries a copy
 
 
 def prepare_data(work: Path, vocab_size: int) -> tuple[Path, Path]:

@@ -16,6 +16,16 @@ from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
 
+def pytest_collection_modifyitems(items):
+    """Tests marked cuda (tests/test_cuda.py) are skipped where PyTorch sees no GPU, as in CI: bench/gpu.sh runs them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU: bench/gpu.sh runs these on one"))
+
+
 TRAIN_SAMPLE = 3000  # posts of each set for safety_model: ~4 s of training; the full sets (21k posts) take ~14 s
 
 

@@ -9,6 +9,7 @@ fails when one of them does not import."""
 import http.client
 import itertools
 import json
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; TWEETLM_DATA elsewhere (bench/gpu.sh carries a copy to a GPU machine)
+DATA = Path(os.environ.get("TWEETLM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 EMOJI = ["👩\u200d💻", "👍🏽", "🇫🇷", "1\ufe0f\u20e3", "❤\ufe0f", "👨\u200d👩\u200d👧\u200d👦", "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"]
 
 

@@ -18,6 +18,14 @@ from pathlib import Path
 from tweetlm.artifacts.files import atomic_write, write_text
 
 
+def _version(package: str) -> str | None:
+    """None for a package that is importable but not installed (tweetlm run from a source tree, as bench/gpu.sh does)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device: str, processes: int, resumed_from: Path | None) -> dict:
     """env.json: what made the run (git commit, versions, device, command line)."""
     repo = Path(__file__).resolve().parents[2]
@@ -32,7 +40,7 @@ def environment(device: str, processes: int, resumed_from: Path | None) -> dict:
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "python": platform.python_version(), "platform": platform.platform(), "device": device,
         "processes": processes,
-        "packages": {p: metadata.version(p) for p in ("tweetlm", "torch", "numpy", "tokenizers", "safetensors")},
+        "packages": {p: _version(p) for p in ("tweetlm", "torch", "numpy", "tokenizers", "safetensors")},
         "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from": str(resumed_from) if resumed_from else None,
     }

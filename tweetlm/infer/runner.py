@@ -12,6 +12,8 @@ What differs from Llama.forward, and why (measured on the small preset, 2-core C
   row at every M tried (1 to 69, and up to 1100), at 1, 2, 3, 4 and 8 threads. It is also faster: the 17 matmuls of
   a step take 0.34 ms at M = 1 and 0.45 ms at M = 8, against 0.50 and 1.33 ms with MKL. Elsewhere (CUDA,
   other dtypes) plain F.linear runs and batch invariance is not promised.
+- The weights are cast to `dtype`, by default device.inference_dtype: bf16 on CUDA (the model itself may stay fp32),
+  fp32 on CPU.
 - SiLU is written out as x / (1 + exp(-x)): F.silu's vectorized and scalar loops round differently (838 of
   20,000 values), and which loop a value meets depends on where a multi-threaded kernel splits the tensor,
   i.e. on the batch (a hazard; no test caught it here). exp, division and the other elementwise ops used
@@ -23,6 +25,7 @@ What differs from Llama.forward, and why (measured on the small preset, 2-core C
 import torch
 import torch.nn.functional as F
 
+from tweetlm.device import inference_dtype
 from tweetlm.infer.kv_cache import Batch, KVCache
 from tweetlm.model.llama import Llama
 
@@ -30,30 +33,34 @@ from tweetlm.model.llama import Llama
 class Runner:
     """Holds the model's weights, fused and packed; `forward` runs one step of rows (see kv_cache.Batch)."""
 
-    def __init__(self, model: Llama):
+    def __init__(self, model: Llama, *, dtype: torch.dtype | None = None):
         self.config = cfg = model.config
         weight = model.embed.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device = weight.device
+        self.dtype = inference_dtype(self.device) if dtype is None else dtype
         self._packed = self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        self.embed = weight.detach()
+        self.embed = self._vector(weight)
         self.layers = []
         for block in model.blocks:
             a, m = block.attention, block.mlp
             self.layers.append({
-                "attention_norm": block.attention_norm.weight.detach(),
+                "attention_norm": self._vector(block.attention_norm.weight),
                 "wqkv": self._matrix(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])),
-                "q_norm": a.q_norm.weight.detach() if cfg.qk_norm else None,
-                "k_norm": a.k_norm.weight.detach() if cfg.qk_norm else None,
+                "q_norm": self._vector(a.q_norm.weight) if cfg.qk_norm else None,
+                "k_norm": self._vector(a.k_norm.weight) if cfg.qk_norm else None,
                 "wo": self._matrix(a.wo.weight),
-                "mlp_norm": block.mlp_norm.weight.detach(),
+                "mlp_norm": self._vector(block.mlp_norm.weight),
                 "w13": self._matrix(torch.cat([m.w1.weight, m.w3.weight])),
                 "w2": self._matrix(m.w2.weight),
             })
-        self.norm = model.norm.weight.detach()
+        self.norm = self._vector(model.norm.weight)
         self.head = self._matrix(weight if model.output is None else model.output.weight)
 
+    def _vector(self, w: torch.Tensor) -> torch.Tensor:
+        return w.detach().to(self.dtype)
+
     def _matrix(self, w: torch.Tensor) -> torch.Tensor:
-        w = w.detach().contiguous()
+        w = w.detach().to(self.dtype).contiguous()
         # the batch-size hint only picks the packed layout: every M gives the same bits with any of 2, 8, 32;
         # 32 was fastest at M = 1 and 8 (0.34 and 0.45 ms for the small preset's 17 matrices, hot caches)
         return torch.ops.mkldnn._reorder_linear_weight(w, 32) if self._packed else w

@@ -77,14 +77,15 @@ def print0(*args, **kwargs) -> None:
 
 
 def rank_device(name: str) -> torch.device:
-    """resolve_device(name) for this process: with several, each takes GPU LOCAL_RANK of its node."""
+    """resolve_device(name) for this process, always with a GPU index (torch.cuda.set_device and NCCL need one):
+    cuda:N as named, else GPU LOCAL_RANK of this node (GPU 0 for one process)."""
     device = resolve_device(name)
-    if device.type == "cuda" and world_size() > 1:
-        if _local_rank() >= torch.cuda.device_count():
-            raise UserError(f"local rank {_local_rank()} has no GPU: this node has {torch.cuda.device_count()}; "
-                            "launch at most that many processes per node (--nproc-per-node)")
-        return resolve_device(name, index=_local_rank())
-    return device
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if _local_rank() >= torch.cuda.device_count():
+        raise UserError(f"local rank {_local_rank()} has no GPU: this node has {torch.cuda.device_count()}; "
+                        "launch at most that many processes per node (--nproc-per-node)")
+    return torch.device("cuda", _local_rank())
 
 
 @contextlib.contextmanager
@@ -153,12 +154,10 @@ def parallelize(model: nn.Module, *, parallel: str, device: torch.device, compil
     forward = model
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        # bf16 weights for compute on CUDA, gradients reduced and kept in fp32 (torchtitan's default); fp32 on CPU
-        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if device.type == "cuda" else MixedPrecisionPolicy()
+        precision = mixed_precision(device)
         # One all-gather per block, freed after use: memory ~ 1/world of the model + 1 block. The root (embedding,
         # tied output head, final norm) reshards after forward too, as in torchtitan: weights are then always
         # the shards outside a forward or backward, also after an evaluation's forward-only pass.
@@ -170,6 +169,16 @@ def parallelize(model: nn.Module, *, parallel: str, device: torch.device, compil
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(forward) if compile else forward
+
+
+def mixed_precision(device: torch.device):
+    """FSDP2's policy: bf16 weights for compute on CUDA, gradients reduced and kept in fp32 (torchtitan's default);
+    fp32 throughout on CPU, as autocast (tweetlm/device.py)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def grad_sync(forward: nn.Module, sync: bool):

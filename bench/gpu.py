@@ -57,17 +57,14 @@ def _median_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
 
 
 def ceilings() -> dict:
-    n = 8192
+    """Random data (zeros run faster than real numbers), freed before the runs."""
     g = torch.Generator("cuda").manual_seed(0)
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     matmul = 2 * n**3 / (_median_ms(lambda: a @ b) / 1e3)
-    del a, b
     src = torch.randn(2**30, device="cuda", generator=g)  # 4 GiB of fp32
     dst = torch.empty_like(src)
     copy = 2 * src.numel() * 4 / (_median_ms(lambda: dst.copy_(src)) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
     return {"matmul_bf16_tflops": matmul / 1e12, "copy_tb_per_s": copy / 1e12}
 
 
@@ -174,7 +171,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "work" / "gpu", help="where gpu.json and gpu.md go")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tweetlm-gpu"), help="data and runs (default /tmp/tweetlm-gpu)")
     ap.add_argument("--data", type=Path, help="the shared data folder (default $TWEETLM_DATA or ../shared/data)")
-    ap.add_argument("--presets", nargs="+", default=["125m", "1b"], help="training presets (default 125m 1b)")
+    ap.add_argument("--presets", nargs="*", default=["125m", "1b"],
+                    help="training presets (default 125m 1b); none: decode a random-init 1b only")
     ap.add_argument("--steps", type=int, default=30, help="training steps per preset (default 30)")
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of tokens/s (default 10)")
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64], help="engine batch sizes (default 1 8 64)")
@@ -196,13 +194,15 @@ def main() -> int:
     r = {"device": props.name, "memory_gb": props.total_memory / 1e9, "torch": torch.__version__, "cuda": torch.version.cuda,
          "cuda_tests": a.cuda_tests, "train": []}
     r["ceilings"] = ceilings()
+    torch.cuda.empty_cache()
     print(f"ceilings: {r['ceilings']}", flush=True)
     bandwidths = {"data-sheet": next((v for k, v in BANDWIDTH.items() if k in props.name), BANDWIDTH["H200"]),
                   "measured-copy": r["ceilings"]["copy_tb_per_s"] * 1e12}
 
-    start = time.perf_counter()
-    tokens, tokenizer = prepare_data(a.work, 32768)
-    print(f"data: {time.perf_counter() - start:.0f} s", flush=True)
+    if a.presets:
+        start = time.perf_counter()
+        tokens, tokenizer = prepare_data(a.work, 32768)
+        print(f"data: {time.perf_counter() - start:.0f} s", flush=True)
     for name in a.presets:
         try:
             r["train"].append(train_throughput(a, tokens, tokenizer, name, r["ceilings"]["matmul_bf16_tflops"]))
@@ -212,14 +212,19 @@ def main() -> int:
             print(f"train {name} failed: {e}", flush=True)
         _save(a.out, r)
     trained = [t for t in r["train"] if "error" not in t]
+    # the largest preset trained (1b by default), or with --presets and no name a random-init 1b (decode only)
+    run = Path(trained[-1]["run"]) if trained else None
+    try:
+        if run is None:
+            from infer import random_run  # bench/infer.py
+
+            run = random_run(a.work, "1b", 32768, SEQ_LEN)
+        r["decode"] = decode(run, a.decode_batches, a.new_tokens, bandwidths)
+    except Exception as e:
+        r["decode_error"] = repr(e)[:500]
+        print(f"decode failed: {e!r}", flush=True)
+    _save(a.out, r)
     if trained:
-        run = Path(trained[-1]["run"])  # the largest preset trained: 1b by default
-        try:
-            r["decode"] = decode(run, a.decode_batches, a.new_tokens, bandwidths)
-        except Exception as e:
-            r["decode_error"] = repr(e)[:500]
-            print(f"decode failed: {e!r}", flush=True)
-        _save(a.out, r)
         for verb, args in (("eval_bpb", ["eval", "bpb", str(run), "--corpus", str(a.work / "corpus"), "--split", "val"]),
                            ("generate", ["generate", str(run), "--prompt", "Monday mornings are", "--max-new-tokens", "32",
                                          "--seed", "1"])):

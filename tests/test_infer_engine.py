@@ -364,3 +364,32 @@ def test_generate_shows_every_sample_even_one_that_ends_at_once(model, tokenizer
     assert printed(ending) == f"Hello{empty}\n"
     out = printed(model, "--num-samples", "3")  # random text (a newline among it, maybe), each after its header
     assert out.startswith("[1] Hello") and 0 < out.index("\n[2] Hello") < out.index("\n[3] Hello") and empty not in out
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(qk_norm=True, n_kv_heads=1)])
+def test_padded_decode_step_of_cuda_graphs_equals_the_forward(tokenizer, overrides):
+    """Runner.decode, the step the engine captures as CUDA graphs on a GPU, run eagerly here: 3 rows of different
+    lengths padded to 4 (the padding row writes the padding slot only) and keys to 64, against the row-by-row forward."""
+    from tweetlm.infer.kv_cache import Batch, KVCache
+    from tweetlm.infer.runner import Runner
+
+    model = _tiny(config_from_depth(2, vocab_size=tokenizer.vocab_size, max_seq_len=128, dim=64, n_heads=4, **overrides))
+    runner = Runner(model)
+    caches = [KVCache(model.config, 4, 128, dtype=torch.float32, device="cpu") for _ in range(2)]  # slot 3 pads
+    for cache in caches:  # zeroed, as on CUDA: decode's masked keys must be finite (0 x NaN is NaN)
+        cache.k.zero_(), cache.v.zero_()
+    prompts = [_prompt(tokenizer, post)[:n] for post, n in zip(POSTS[:3], (5, 17, 40))]
+    with torch.inference_mode():
+        for cache in caches:
+            runner.forward(torch.tensor([t for p in prompts for t in p[:-1]]),
+                           Batch(cache, [0, 1, 2], [0, 0, 0], [len(p) - 1 for p in prompts]), cache)
+        for cache in caches:
+            cache.k[:, 3], cache.v[:, 3] = 7.0, 7.0  # the padding slot: what a padding row writes goes there
+        last, starts = [p[-1] for p in prompts], [len(p) - 1 for p in prompts]
+        reference = runner.forward(torch.tensor(last), Batch(caches[0], [0, 1, 2], starts, [1, 1, 1]), caches[0])
+        padded = runner.decode(last, [0, 1, 2], starts, caches[1])
+    assert padded.shape == reference.shape == (3, tokenizer.vocab_size)
+    assert torch.allclose(padded, reference, atol=1e-5)
+    for slot, prompt in enumerate(prompts):  # each row's keys and values, written where the forward writes them
+        for ours, theirs in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+            assert torch.allclose(ours[:, slot, :, :len(prompt)], theirs[:, slot, :, :len(prompt)], atol=1e-5)

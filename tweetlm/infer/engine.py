@@ -369,22 +369,25 @@ class Engine:
         tokens = [t for s, n in rows for t in s.ids[s.cached:s.cached + n]]
         scoring = [s.prompt_scores is not None and s.cached < s.request.prompt_tokens for s, _ in rows]
         slots, starts, lengths = [s.slot for s, _ in rows], [s.cached for s, _ in rows], [n for _, n in rows]
-        if len(tokens) > self._max_batch_size:  # a prefill step: padded to one of few sizes (see PAD_TOKENS)
-            multiple = min(PAD_TOKENS, self.max_seq_len)  # the padding row's positions stay within the cache
-            if pad := -len(tokens) % multiple:
-                tokens += [0] * pad
-                slots, starts, lengths = slots + [self._max_batch_size], starts + [0], lengths + [pad]
-                scoring = scoring + [False]
-        batch = Batch(self._cache, slots, starts, lengths, every=scoring)
-        logits = self._runner.forward(torch.tensor(tokens, device=self._device), batch, self._cache)  # [M, V]
-        for (s, n), end, scored in zip(rows, batch.ends, scoring):
+        if self._device.type == "cuda" and len(tokens) == len(rows) and not any(scoring):  # decoding, CUDA graphs
+            logits, ends = self._runner.decode(tokens, slots, starts, self._cache), list(range(len(rows)))  # [R, V]
+        else:
+            if len(tokens) > self._max_batch_size:  # a prefill step: padded to one of few sizes (see PAD_TOKENS)
+                multiple = min(PAD_TOKENS, self.max_seq_len)  # the padding row's positions stay within the cache
+                if pad := -len(tokens) % multiple:
+                    tokens += [0] * pad
+                    slots, starts, lengths = slots + [self._max_batch_size], starts + [0], lengths + [pad]
+                    scoring = scoring + [False]
+            batch = Batch(self._cache, slots, starts, lengths, every=scoring)
+            logits, ends = self._runner.forward(torch.tensor(tokens, device=self._device), batch, self._cache), batch.ends
+        for (s, n), end, scored in zip(rows, ends, scoring):
             if scored:
                 s.score(logits[end - n + 1:end + 1])
             s.cached += n
         # more logits than rows: a scored prompt's every token (also when every token of the step is an output and
         # batch.outputs is None), or a padding row's
         if len(logits) != len(rows):
-            logits = logits[batch.ends[:len(rows)]]  # [R, V] each row's last token
+            logits = logits[ends[:len(rows)]]  # [R, V] each row's last token
         ready = [i for i, (s, _) in enumerate(rows) if s.cached == len(s.ids)]  # the rest are mid-prompt
         for i in ready:
             if (s := rows[i][0]).prompt_scores is not None and s.request.prompt_logprobs is None:

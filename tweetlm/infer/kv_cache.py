@@ -18,14 +18,16 @@ from tweetlm.model.llama import ModelConfig, rotary
 
 
 class KVCache:
-    """Keys and values [depth, slots, K, max_len, Hd]. Allocated with torch.empty: memory is touched only as
-    sequences grow, and a row never reads past its own length, so stale values from an earlier request in
-    the same slot are never seen."""
+    """Keys and values [depth, slots, K, max_len, Hd]. `attend` never reads past a row's own length, so stale
+    values from an earlier request in the same slot are never seen. `attend_padded` (decoding on CUDA) reads up to
+    a rounded length and masks the rest, which must be finite (a masked weight is 0, and 0 x NaN is NaN): the
+    cache is zeroed on CUDA, and left unset on CPU, where memory is then touched only as sequences grow."""
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str):
         shape = (cfg.depth, slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        new = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.k = new(shape, dtype=dtype, device=device)
+        self.v = new(shape, dtype=dtype, device=device)
         # rotary tables [max_len, Hd], once: a step looks its positions up instead of recomputing cos and sin.
         # sin's first half is negated, so that rotating is x * cos + x.roll(Hd / 2) * sin, the same numbers as
         # llama.apply_rotary's x * cos + cat(-x2, x1) * sin (a sign flip is exact) in 4 ops instead of 7.
@@ -43,6 +45,21 @@ class KVCache:
                for query, keys, values, mask, causal in zip(queries, batch.keys, batch.values, batch.masks, batch.causal)]
         y = torch.cat(out, dim=2) if len(out) > 1 else out[0]  # [1, H, N, Hd]
         return y[0].transpose(0, 1).reshape(q.shape[0], -1)  # [N, H * Hd]
+
+
+    def attend_padded(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                      positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoding, B rows of one token each, in shapes fixed by B and L (runner.decode captures them as CUDA
+        graphs): store k, v [B, K, Hd] at (slots, positions), then attend with q [B, H, Hd] over the first L keys
+        of each row's slot, mask [B, L] hiding those past its position. The query heads that share a kv head are
+        that head's queries ([B, K, H / K, Hd]), so no kernel needs to support grouped heads. Returns [B, H * Hd]."""
+        B, H, Hd = q.shape
+        K, L = k.shape[1], mask.shape[1]
+        self.k[layer][slots, :, positions] = k
+        self.v[layer][slots, :, positions] = v
+        keys, values = self.k[layer][slots, :, :L], self.v[layer][slots, :, :L]  # [B, K, L, Hd]
+        y = F.scaled_dot_product_attention(q.view(B, K, H // K, Hd), keys, values, attn_mask=mask[:, None, None, :])
+        return y.reshape(B, H * Hd)
 
 
 class Batch:

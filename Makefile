@@ -27,7 +27,14 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-test: setup $(CHROMIUM)
+# tests/test_slurm.py runs examples/train.sbatch under a one-node Slurm that scripts/slurm-local.sh starts from these.
+SLURMD := /usr/sbin/slurmd
+
+$(SLURMD):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge
+
+test: setup $(CHROMIUM) $(SLURMD)
 	$(PY) -m pytest -q -x
 
 clean:

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/data.py                      # ~5 minutes on 2 cores
     .venv/bin/python bench/data.py --copies 2 --quick   # a smoke run
+    .venv/bin/python bench/data.py --quick --ray        # adds prepare and tokenize on a local Ray (--ray auto: a cluster)
 
 Input: one copy is every TweetEval and XLM-T `*_text.txt` file (102,906 lines) plus every file
 of twitter-api-v2/ (API v2 pages and flattened lines, ~2.2k records). Copy i prefixes each
@@ -13,7 +14,9 @@ Runs, each in a fresh process (peak RSS from os.wait4, the max over the process 
 - prepare, near-dup off and on (0.8), 1 and 2 workers, on all copies;
 - peak memory of prepare (1 worker) on 1 copy against all copies (10x the input);
 - tokenizer training (vocab 8192) on the 1-copy corpus, then tokenize of the all-copies corpus
-  with 1 and 2 workers.
+  with 1 and 2 workers;
+- with --ray [ADDRESS]: prepare (near-dup off and on) and tokenize on that Ray cluster (a local one started for
+  each run when no ADDRESS), same inputs; peak RSS is then the driver's only (Ray's workers are not its children).
 Prints a table, then one line of JSON.
 """
 
@@ -64,33 +67,34 @@ def run_child(code: str) -> tuple[dict, float]:
     return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def bench_prepare(inputs: list[Path], out: Path, *, workers: int, near_dup: float) -> dict:
+def bench_prepare(inputs: list[Path], out: Path, *, workers: int, near_dup: float, ray: str | None = None) -> dict:
     code = f"""
 import json
 from pathlib import Path
 from tweetlm.data.prepare import PrepareConfig, prepare
 r = prepare(PrepareConfig(inputs={tuple(map(str, inputs))!r}, out=Path({str(out)!r}), workers={workers},
-                          near_dup_threshold={near_dup}))
+                          near_dup_threshold={near_dup}, ray={ray!r}))
 print(json.dumps({{k: r[k] for k in ("read", "kept", "seconds", "dropped")}}))
 """
     result, rss = run_child(code)
-    return {"workers": workers, "near_dup": near_dup, "posts": result["read"], "kept": result["kept"],
+    return {"workers": workers, "near_dup": near_dup, "ray": ray, "posts": result["read"], "kept": result["kept"],
             "seconds": result["seconds"], "posts_per_s": result["read"] / result["seconds"],
             "posts_per_s_per_worker": result["read"] / result["seconds"] / workers, "peak_rss_mb": rss}
 
 
-def bench_tokenize(corpus: Path, tokenizer: Path, out: Path, *, workers: int) -> dict:
+def bench_tokenize(corpus: Path, tokenizer: Path, out: Path, *, workers: int, ray: str | None = None) -> dict:
     code = f"""
 import json, time
 from pathlib import Path
 from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 t0 = time.perf_counter()
-index = tokenize(TokenizeConfig(corpus=Path({str(corpus)!r}), tokenizer=Path({str(tokenizer)!r}), out=Path({str(out)!r}), workers={workers}))
+index = tokenize(TokenizeConfig(corpus=Path({str(corpus)!r}), tokenizer=Path({str(tokenizer)!r}), out=Path({str(out)!r}), workers={workers},
+                                ray={ray!r}))
 seconds = time.perf_counter() - t0
 print(json.dumps({{"tokens": sum(s["tokens"] for shards in index["splits"].values() for s in shards), "seconds": seconds}}))
 """
     result, rss = run_child(code)
-    return {"workers": workers, "tokens": result["tokens"], "seconds": result["seconds"],
+    return {"workers": workers, "ray": ray, "tokens": result["tokens"], "seconds": result["seconds"],
             "tokens_per_s": result["tokens"] / result["seconds"], "peak_rss_mb": rss}
 
 
@@ -108,6 +112,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10, help="copies of the shared tweets (10 = 1.05M records)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tweetlm-bench-data"), help="scratch folder")
     parser.add_argument("--quick", action="store_true", help="skip the 2-worker and near-dup 2-worker runs")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="also run prepare and tokenize on Ray: auto, ray://HOST:PORT, or nothing for a local Ray")
     args = parser.parse_args()
     assert args.copies >= 1, "--copies must be at least 1"
     work = args.work
@@ -125,10 +131,14 @@ def main() -> None:
             runs.append({"input": "10x" if args.copies == 10 else f"{args.copies}x",
                          **bench_prepare(copies, corpus(f"corpus-nd{near_dup}-w{workers}"), workers=workers, near_dup=near_dup)})
             print(f"  prepare workers={workers} near_dup={near_dup}: {runs[-1]['posts_per_s']:,.0f} posts/s", flush=True)
+        if args.ray:
+            runs.append({"input": f"{args.copies}x", **bench_prepare(copies, corpus(f"corpus-nd{near_dup}-ray"), workers=1,
+                                                                    near_dup=near_dup, ray=args.ray)})
+            print(f"  prepare ray={args.ray} near_dup={near_dup}: {runs[-1]['posts_per_s']:,.0f} posts/s", flush=True)
     memory = {}
     for near_dup in (0.0, 0.8):
         one = bench_prepare(copies[:1], corpus(f"corpus-1x-nd{near_dup}"), workers=1, near_dup=near_dup)
-        full = next(r for r in runs if r["workers"] == 1 and r["near_dup"] == near_dup)
+        full = next(r for r in runs if r["workers"] == 1 and r["near_dup"] == near_dup and not r["ray"])
         memory[f"near_dup={near_dup}"] = {"posts_1x": one["posts"], "peak_rss_mb_1x": one["peak_rss_mb"],
                                           "posts_full": full["posts"], "peak_rss_mb_full": full["peak_rss_mb"],
                                           "ratio": full["peak_rss_mb"] / one["peak_rss_mb"]}
@@ -139,20 +149,22 @@ def main() -> None:
         train_tokenizer(work / "corpus-1x-nd0.0", tokenizer, vocab_size=8192)
         for workers in (1, 2):
             tokenize.append(bench_tokenize(work / "corpus-nd0.0-w1", tokenizer, corpus(f"tokens-w{workers}"), workers=workers))
+        if args.ray:
+            tokenize.append(bench_tokenize(work / "corpus-nd0.0-w1", tokenizer, corpus("tokens-ray"), workers=1, ray=args.ray))
     else:
         print("tokenize: not measured (tweetlm/tokenizer/shards.py or tweetlm/tokenizer/bpe.py missing)")
 
     print()
     print(f"{'run':<28}{'posts':>11}{'seconds':>9}{'posts/s':>10}{'per worker':>12}{'peak RSS MB':>13}")
     for r in runs:
-        name = f"prepare {r['input']} w={r['workers']} nd={r['near_dup']}"
+        name = f"prepare {r['input']} {'ray' if r['ray'] else 'w=' + str(r['workers'])} nd={r['near_dup']}"
         print(f"{name:<28}{r['posts']:>11,}{r['seconds']:>9.1f}{r['posts_per_s']:>10,.0f}"
               f"{r['posts_per_s_per_worker']:>12,.0f}{r['peak_rss_mb']:>13,.0f}")
     for name, m in memory.items():
         print(f"peak RSS {name}: {m['peak_rss_mb_1x']:,.0f} MB at {m['posts_1x']:,} posts, "
               f"{m['peak_rss_mb_full']:,.0f} MB at {m['posts_full']:,} posts: x{m['ratio']:.2f}")
     for t in tokenize:
-        print(f"tokenize w={t['workers']}: {t['tokens']:,} tokens in {t['seconds']:.1f} s = {t['tokens_per_s']:,.0f} tokens/s "
+        print(f"tokenize {'ray' if t['ray'] else 'w=' + str(t['workers'])}: {t['tokens']:,} tokens in {t['seconds']:.1f} s = {t['tokens_per_s']:,.0f} tokens/s "
               f"(peak RSS {t['peak_rss_mb']:,.0f} MB)")
     print(json.dumps({"bench": "data", "cpus": os.cpu_count(), "prepare": runs, "memory": memory, "tokenize": tokenize}))
 

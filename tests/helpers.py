@@ -1,5 +1,5 @@
 """What several test modules share that is not a fixture: the real posts, synthetic token shards, the tiny
-training settings, a live server and the calls made to it, a foreign tokenizer. The fixtures are in conftest.py;
+training settings, torchrun's processes and free ports, a live server and the calls made to it, a foreign tokenizer. The fixtures are in conftest.py;
 no test module imports another.
 
 conftest.py imports this file before every test module, so later stages (torch, the server, the openai client:
@@ -10,6 +10,7 @@ import http.client
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -86,6 +87,39 @@ def _config(tokens: Path, tokenizer: Path, out: Path, **overrides):
 
 def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@contextmanager
+def _one_thread():
+    """torch on 1 thread for the duration, as each process under torchrun runs: the reference runs of the tests of
+    several processes. (2 threads on a busy 2-core machine spin-wait on each other: a 3-second run took 90.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _workers(launcher: int) -> dict[int, int]:
+    """torchrun's worker processes, {RANK: pid}, through Linux's /proc (tweetlm runs and is tested on Linux)."""
+    workers = {}
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:  # it ended meanwhile (FileNotFoundError or ProcessLookupError)
+            continue
+        workers.update({int(v.removeprefix(b"RANK=")): int(child) for v in env if v.startswith(b"RANK=")})
+    return workers
 
 
 def _one_line_error(argv: list[str], capsys) -> str:

@@ -88,3 +88,18 @@ def test_serving_loads_neither_the_trainer_nor_pyarrow():
             "print(sorted(m for m in sys.modules if m.startswith(('pyarrow', 'tweetlm.train'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]", loaded
+
+
+def test_the_default_data_path_never_imports_ray(tmp_path):
+    """Ray is an extra for `--ray` runs: only ray_cluster.py imports it, inside ray_session, and a default
+    `data prepare` + `data tokenize` (processes, one machine) never loads it."""
+    assert {m for m in _imports() if "ray" in _third_party(m)} == {"tweetlm.data.ray_cluster"}
+    posts = Path(__file__).resolve().parents[2] / "shared" / "data" / "tweeteval" / "irony" / "val_text.txt"
+    code = ("import sys; from tweetlm.cli import main; "
+            f"assert main(['data', 'prepare', {str(posts)!r}, '--out', {str(tmp_path / 'c')!r}, '--workers', '2']) == 0; "
+            f"assert main(['tokenizer', 'train', {str(tmp_path / 'c')!r}, '--vocab-size', '300', '--out', {str(tmp_path / 't')!r}]) == 0; "
+            f"assert main(['data', 'tokenize', {str(tmp_path / 'c')!r}, '--tokenizer', {str(tmp_path / 't')!r}, "
+            f"'--out', {str(tmp_path / 'k')!r}, '--workers', '2']) == 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip().splitlines()[-1] == "[]", loaded

@@ -17,7 +17,7 @@ def test_preset_parameter_count_is_exact(name):
     with torch.device("meta"):
         model = Llama(cfg)
     assert num_params(cfg) == sum(p.numel() for p in model.parameters())
-    assert flops_per_token(cfg, 1024) > 6 * num_params(cfg, embedding=False)
+    assert flops_per_token(cfg, 1024) > 6 * num_params(cfg, embedding=False, active=True)
 
 
 def test_presets_span_the_advertised_sizes():
@@ -25,6 +25,10 @@ def test_presets_span_the_advertised_sizes():
     assert 0.5e6 < sizes["tiny"] < 1.5e6
     assert 1.0e9 < sizes["1b"] < 1.5e9  # Llama 3.2 1B: 1.24B at its 128256 vocabulary
     assert 7.5e9 < sizes["8b"] < 8.5e9  # Llama 3 8B: 8.03B
+    # small-moe: small's FLOPs per token (2 of 8 experts of half the width; + the router's), 4x its MLP weights
+    small, small_moe = (preset(name, vocab_size=8192) for name in ("small", "small-moe"))
+    assert flops_per_token(small_moe, 1024) == pytest.approx(flops_per_token(small, 1024), rel=0.002)
+    assert num_params(small_moe) - num_params(small) == pytest.approx(3 * 4 * 3 * 256 * 704, rel=0.01)
 
 
 def test_qk_norm_and_untied_head_counted():

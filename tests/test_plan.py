@@ -8,6 +8,11 @@ Published figures and where they come from:
   a 54-day snapshot of pre-training (section 3.3.4: a part of it, not all of it). Llama 3.1 model card
   (meta-llama/llama-models, MODEL_CARD.md, "Training Factors"): 30.84M H100-hours for 405B = 78.4 days on
   16,384 GPUs (the whole of it: long-context stage and downtime; the paper reports >90% effective training time).
+- Grok-1 (xai-org/grok-1, README and model.py; x.ai/blog/grok-os): 314B parameters, a mixture of 8 experts with 2
+  active, "25% of the weights active on a given token"; 64 layers, dim 6144, 48 query and 8 kv heads, vocab 131072.
+- DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437, sections 2-4): 671B parameters, 37B active per token; 61 layers,
+  dim 7168, 1 shared + 256 routed experts of width 2048, 8 active, vocab 129280; 14.8T tokens; 2.664M H800
+  GPU-hours of pre-training (table 1).
 """
 
 import json
@@ -25,7 +30,7 @@ from tweetlm.errors import UserError
 from tweetlm.model.llama import Llama
 from tweetlm.model.sizing import config_from_depth
 from tweetlm.plan.accelerators import ACCELERATORS
-from tweetlm.plan.planner import DAY, PlanConfig, activation_bytes, format_plan, parse_count, plan
+from tweetlm.plan.planner import DAY, PlanConfig, activation_bytes, format_plan, parse_count, parse_moe, plan
 from tweetlm.tokenizer.bpe import Tokenizer
 from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 
@@ -62,16 +67,55 @@ def test_llama3_405b_flops_and_training_time():
     assert any("tensor or context parallelism" in n for n in p.notes)
 
 
+def test_grok1_shape_is_reproduced(capsys):
+    """`--params 314B --moe 8x2` at Grok-1's vocabulary gives the grok-1 preset: 315.7B parameters (314B published:
+    within 1%; tweetlm's block has 2 RMSNorms where Grok-1's has 4, and no softcapping, which hold no weights to
+    speak of) and 26.5% of them active (published: "25%", i.e. ~78.5B; allowed 25% +- 2 points: the attention,
+    embedding and router are active for every token, so 2 of 8 experts make a little more than a quarter)."""
+    assert main(["plan", "--gpus", "4096", "--gpu", "h100", "--days", "30", "--params", "314B", "--moe", "8x2",
+                 "--vocab-size", "131072", "--seq-len", "8192", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["shape"] == "--preset grok-1" and p["model"]["experts"] == 8 and p["model"]["experts_active"] == 2
+    assert p["model_params"] == pytest.approx(314e9, rel=0.01)
+    assert p["model_active_params"] / p["model_params"] == pytest.approx(0.25, abs=0.02)
+    assert p["budget"] == pytest.approx(6 * p["active_params"] * p["tokens"])  # FLOPs follow the active parameters
+    assert any("expert parallelism" in n for n in p["notes"])
+
+
+def test_deepseek_v3_shape_is_reproduced():
+    """DeepSeek-V3's budget (its 2.664M pre-training GPU-hours on H800s, whose bf16 peak is the H100's) and `--params
+    671B --moe 256x8+1` give the deepseek-v3 preset. tweetlm's shape lacks multi-head latent attention (grouped-query
+    attention here: 129M weights a layer against MLA's 187M), the 3 dense first layers (all 61 layers are MoE here,
+    +33B), sigmoid routing with bias balancing, and the multi-token-prediction module (outside the 671B too). Result:
+    700.2B total (671B published, +4.4%; allowed 5%), 34.0B active (37B, -8.2%; allowed 10%)."""
+    gpus, hours = 2048, 2.664e6
+    p = plan(PlanConfig(gpus=gpus, gpu="h100", days=hours / gpus / 24, mfu=0.35, params=671e9, vocab_size=129280,
+                        seq_len=4096, **parse_moe("256x8+1")))
+    assert p.shape == "--preset deepseek-v3"
+    assert (p.model.experts, p.model.experts_active, p.model.shared_experts, p.model.expert_width) == (256, 8, 1, 2048)
+    assert p.model_params == pytest.approx(671e9, rel=0.05)
+    assert p.model_active_params == pytest.approx(37e9, rel=0.10)
+    # at 35% MFU that budget is 6 x 37B x 14.8T (3.3e24): the published token count, to the active-count gap
+    assert p.budget == pytest.approx(6 * 37e9 * 14.8e12, rel=0.02)
+    assert p.tokens == pytest.approx(14.8e12 * 37e9 / p.active_params, rel=0.02)
+
+
 @settings(max_examples=60, deadline=None)
 @given(gpus=st.integers(1, 20000), gpu=st.sampled_from(sorted(ACCELERATORS)), days=st.floats(0.01, 100),
        mfu=st.floats(0.05, 0.8), params=st.one_of(st.none(), st.floats(1e7, 1e12)),
-       seq_len=st.sampled_from([256, 2048, 8192]), optimizer=st.sampled_from(["muon", "adamw"]))
-def test_plan_is_consistent(gpus, gpu, days, mfu, params, seq_len, optimizer):
-    c = PlanConfig(gpus=gpus, gpu=gpu, days=days, mfu=mfu, params=params, seq_len=seq_len, optimizer=optimizer)
+       seq_len=st.sampled_from([256, 2048, 8192]), optimizer=st.sampled_from(["muon", "adamw"]),
+       moe=st.sampled_from([None, "8x2", "64x6+2"]))
+def test_plan_is_consistent(gpus, gpu, days, mfu, params, seq_len, optimizer, moe):
+    c = PlanConfig(gpus=gpus, gpu=gpu, days=days, mfu=mfu, params=params, seq_len=seq_len, optimizer=optimizer,
+                   **(parse_moe(moe) if moe else {}))
     p = plan(c)
-    assert p.budget == pytest.approx(6 * p.params * p.tokens)
+    assert p.budget == pytest.approx(6 * p.active_params * p.tokens)
     assert p.params == (params or pytest.approx(p.tokens / 20))
-    assert abs(math.log(p.model_params / p.params)) < math.log(2), "the trained shape is within 2x of the planned size"
+    # --params is an MoE's total; the compute-optimal N its active size (one count when dense)
+    size = p.model_params if params else p.model_active_params
+    # within 2x of the planned size; small MoEs step coarsely with depth (64 experts: 4.6M at depth 1, 24M at 2)
+    assert abs(math.log(size / p.params)) < math.log(2) or (moe and p.params < 1e9), (size, p.params)
+    assert p.model.experts == c.experts and p.active_params <= p.params if params else p.active_params == p.params
     assert p.batch_tokens == gpus * p.micro_batch * seq_len * p.grad_accum and gpus % p.shard_group == 0
     assert (p.steps - 1) * p.batch_tokens < p.tokens <= p.steps * p.batch_tokens
     assert p.days == pytest.approx(p.steps * p.step_seconds / DAY)
@@ -100,15 +144,18 @@ def _saved_bytes(model: Llama, tokens: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-def test_activation_estimate_matches_what_autograd_saves():
-    cfg = config_from_depth(4, vocab_size=1000, max_seq_len=256)  # dim 256, 4 heads, 1 kv head, SwiGLU 704
+@pytest.mark.parametrize("moe", [{}, dict(experts=8, experts_active=2), dict(experts=16, experts_active=4, expert_dim=128,
+                                                                               shared_experts=1)],
+                         ids=["dense", "8x2", "16x4+1"])
+def test_activation_estimate_matches_what_autograd_saves(moe):
+    cfg = config_from_depth(4, vocab_size=1000, max_seq_len=256, **moe)  # dim 256, 4 heads, 1 kv head, SwiGLU 704
     model = Llama(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     ids = torch.randint(0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
     # Two lengths: what does not grow with tokens (bf16 copies of the weights, kept by autocast) cancels out.
     per_token = (_saved_bytes(model, ids) - _saved_bytes(model, ids[:, :128])) / (2 * 128)
-    # Tolerance 2% (measured: 0.6% under): the estimate leaves out the rotary tables, per-head softmax
-    # statistics and per-token RMS values.
+    # Tolerance 2% (measured: 0.6% under dense, 0.5% MoE): the estimate leaves out the rotary tables, per-head
+    # softmax statistics and per-token RMS values.
     assert activation_bytes(cfg, 1, checkpointing=False) == pytest.approx(per_token, rel=0.02)
     assert activation_bytes(cfg, 1, checkpointing=True) < per_token / 2
 
@@ -151,6 +198,8 @@ def test_parse_count(text, value):
     (["--gpus", "0", "--days", "1"], "--gpus"),
     (["--gpus", "8", "--days", "1", "--mfu", "1.5"], "--mfu"),
     (["--gpus", "8", "--days", "1", "--tokens", "no/such/folder"], "index.json"),
+    (["--gpus", "8", "--days", "1", "--moe", "8"], "--moe '8': give EXPERTSxACTIVE"),
+    (["--gpus", "8", "--days", "1", "--moe", "8x1"], "--moe '8x1': needs 2 to EXPERTS active"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):
     assert main(["plan", *argv]) == 2

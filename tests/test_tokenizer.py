@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import EMOJI
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tweetlm.data.corpus import SPLITS, iter_texts
 from tweetlm.errors import UserError
 from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
-from tweetlm.tokenizer.trainer import TokenizerConfig, train_tokenizer
+from tweetlm.tokenizer.trainer import TokenizerConfig, sample, train_tokenizer
 
 
 def _texts(corpus: Path, split: str) -> list[str]:
@@ -110,6 +111,26 @@ def test_train_prints_val_bytes_per_token(small_corpus, tmp_path, capsys):
     val = _texts(small_corpus, "val")
     ratio = sum(len(t.encode()) for t in val) / sum(map(len, tok.encode_batch(val)))
     assert f"{ratio:.2f} bytes per token" in capsys.readouterr().out
+
+
+
+def test_sample_is_seeded_uniform_and_streamed(small_corpus, tmp_path):
+    """--sample N: N posts drawn uniformly from batches that stream by (algorithm R), kept in corpus order."""
+    texts = [str(i) for i in range(1000)]
+    batches = [texts[i:i + 37] for i in range(0, len(texts), 37)]
+    picks = [sample(iter(batches), 100, seed=seed) for seed in range(200)]
+    assert picks[0] == sample(iter(batches), 100, seed=0) != picks[1]
+    assert all(len(p) == len(set(p)) == 100 and p == sorted(p, key=int) for p in picks)
+    share = np.zeros(len(texts))
+    for p in picks:
+        share[[int(t) for t in p]] += 1 / len(picks)
+    # each post's chance is 100/1000, at the start, the middle and the end of the stream alike (binomial sd 0.007)
+    assert all(abs(share[i:i + 250].mean() - 0.1) < 0.01 for i in range(0, 1000, 250))
+    assert sample(iter(batches), 5000, seed=0) == texts
+    # a sample as large as the corpus is the corpus: the same tokenizer as without --sample
+    whole = train_tokenizer(TokenizerConfig(corpus=small_corpus, out=tmp_path / "a", vocab_size=400))
+    assert train_tokenizer(TokenizerConfig(corpus=small_corpus, out=tmp_path / "b", vocab_size=400, sample=10**6)).hash == whole.hash
+    assert train_tokenizer(TokenizerConfig(corpus=small_corpus, out=tmp_path / "c", vocab_size=400, sample=50)).hash != whole.hash
 
 
 def test_user_errors(small_corpus, tmp_path):

@@ -69,6 +69,20 @@ def test_both_preset_and_depth_in_one_file_is_an_error(tmp_path):
     assert load_config(tmp_path / "c.toml", {**PATHS, "model.preset": "small"}).model.depth is None  # a flag picks one
 
 
+def test_expert_fields_make_any_shape_an_moe(tmp_path):
+    cfg = load_config(None, {**PATHS, "steps": 1, **parse_set(["model.experts=8", "model.experts_active=2"])})
+    model = cfg.model.resolve(vocab_size=1000)
+    assert (model.experts, model.experts_active, model.dim, model.expert_width) == (8, 2, 64, 192)  # tiny, 8x2
+    (tmp_path / "config.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "config.toml") == cfg
+    dense = load_config(None, {**PATHS, "steps": 1, "model.preset": "small-moe", "model.experts": 0}).model
+    assert dense.resolve(vocab_size=1000).experts == 0
+    with pytest.raises(UserError, match="model.experts_active = 9: must be from 2 to model.experts = 8"):
+        load_config(None, {**PATHS, "steps": 1, "model.experts": 8, "model.experts_active": 9}).model.resolve(vocab_size=1000)
+    with pytest.raises(UserError, match="takes the model's shape from that run"):
+        load_config(None, {**PATHS, "steps": 1, "init_from": "runs/base", "model.experts": 8})
+
+
 def test_resume_may_extend_a_run_but_not_change_its_model_or_optimizer():
     saved = load_config(None, {**PATHS, "steps": 100})
     check_resume(saved, load_config(None, {**PATHS, "steps": 200, "eval.every": 10, "micro_batch": 8}))

@@ -44,6 +44,32 @@ def test_muon_step_moves_each_matrix_by_an_orthogonal_update():
     assert 0.6 < s.min() and s.max() < 1.25
 
 
+def test_muon_orthogonalizes_each_expert_of_a_stacked_weight_on_its_own():
+    """An MoE's w1 [E, out, in] is E matrices: each expert's update is its own gradient's orthogonal factor (as if
+    it were a separate nn.Linear), not a slice of the stack's."""
+    p = torch.nn.Parameter(torch.zeros(4, 32, 16))
+    opt = Muon([p], lr=0.1, momentum=0.0, ns_dtype=torch.float32)
+    grad = torch.randn(4, 32, 16, generator=torch.Generator().manual_seed(0))
+    grad[0] *= 100  # experts' gradients of very different sizes: each is normalized on its own
+    p.grad = grad
+    opt.step()
+    for e in range(4):
+        update = p[e].detach() / (-0.1 * 2**0.5)  # lr x sqrt(rows / cols)
+        s = torch.linalg.svdvals(update)
+        assert 0.6 < s.min() and s.max() < 1.25, (e, s)
+        torch.testing.assert_close(update, orthogonalize(grad[e], dtype=torch.float32), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_router_and_experts_go_to_muon():
+    model = Llama(dataclasses.replace(preset("tiny", vocab_size=300), experts=4, experts_active=2))
+    adam, muon = build_optimizers(model, OptimConfig(name="muon"), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    block = sorted(names[id(p)].removeprefix("blocks.0.") for g in muon.param_groups for p in g["params"]
+                   if names[id(p)].startswith("blocks.0."))
+    assert block == ["attention.wk.weight", "attention.wo.weight", "attention.wq.weight", "attention.wv.weight",
+                     "mlp.router.weight", "mlp.w1", "mlp.w2", "mlp.w3"]
+
+
 @pytest.mark.parametrize("schedule", ["wsd", "cosine"])
 def test_schedules_warm_up_peak_and_decay_to_final(schedule):
     cfg = OptimConfig(schedule=schedule, warmup=0.1, cooldown=0.4, final_lr=0.1)

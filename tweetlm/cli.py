@@ -167,6 +167,13 @@ def _data_tasks(a):
     tasks(_config(TasksConfig, a, tasks=names))
 
 
+def _ray_flag(p, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help=f"run on a Ray cluster, {what} (same output as without): auto (the cluster this machine joined "
+                        "with `ray start`), ray://HOST:PORT, or nothing for a Ray started for this run; paths must "
+                        "name the same files on every node")
+
+
 def _add_data(sub):
     dsub = _group(sub, "data", "read, clean and tokenize posts")
 
@@ -195,6 +202,7 @@ def _add_data(sub):
     p.add_argument("--seed", type=int, help="seed of the split hash and MinHash")
     p.add_argument("--drop-toxic", metavar="SAFETY[:THRESHOLD]", help="drop posts that a `tweetlm safety train` "
                    "classifier scores toxic, at its own threshold or THRESHOLD (in (0, 1])")
+    _ray_flag(p, "with each stage spread over the nodes")
 
     p = _verb(dsub, "tokenize", "turn a corpus into memory-mappable token shards per split",
               "tweetlm data tokenize work/corpus --tokenizer work/tokenizer --out work/tokens --workers 2", _data_tokenize,
@@ -203,6 +211,7 @@ def _add_data(sub):
     p.add_argument("--tokenizer", type=Path, required=True, metavar="TOKENIZER", help="a folder written by `tweetlm tokenizer train`")
     p.add_argument("--out", type=Path, required=True, metavar="TOKENS", help="output folder for the token shards and index.json")
     p.add_argument("--workers", type=int, help="processes")
+    _ray_flag(p, "encoding on every node")
 
     p = _verb(dsub, "fetch", "get the public TweetEval text files (from GitHub, or a local copy with --from)",
               "tweetlm data fetch --from ../shared/data/tweeteval --out work/tweeteval", _data_fetch)
@@ -245,6 +254,8 @@ def _add_tokenizer(sub):
               "tweetlm.tokenizer.trainer.TokenizerConfig")
     p.add_argument("corpus", type=Path, metavar="CORPUS", help="a folder written by `tweetlm data prepare`")
     p.add_argument("--vocab-size", type=int, help="vocabulary size, special tokens included")
+    p.add_argument("--sample", type=int, metavar="N", help="train on N posts of the train split drawn at random "
+                   "(seeded), read without loading the corpus; default: all of it")
     p.add_argument("--out", type=Path, required=True, metavar="TOKENIZER", help="output folder for tokenizer.json")
 
 
@@ -277,7 +288,8 @@ def _add_train(sub):
                    "its shape and weights, fresh optimizers")
     p.add_argument("--out", required=True, metavar="RUN", help="the run folder")
     p.add_argument("--config", metavar="FILE.toml", help="run config (see configs/); flags below override it")
-    p.add_argument("--preset", help="model shape by name: tiny, small, 125m, 1b, 8b (default tiny)")
+    p.add_argument("--preset", help="model shape by name: tiny, small, 125m, 1b, 8b, small-moe, grok-1, deepseek-v3 "
+                   "(default tiny; `tweetlm model presets` lists them)")
     p.add_argument("--depth", type=int, help="model shape by depth (width and heads follow); replaces --preset")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this much training time; "
@@ -407,12 +419,14 @@ def _add_safety(sub):
 def _model_presets(a):
     from tweetlm.model.sizing import PRESETS, flops_per_token, num_params, preset
 
-    print(f"{'preset':<8}{'depth':>6}{'dim':>6}{'heads':>6}{'kv':>4}{'ffn':>7}{'params':>16}{'FLOPs/token':>14}"
-          f"   (vocab {a.vocab_size}, seq {a.seq_len}; FLOPs = training, forward + backward)")
+    print(f"{'preset':<12}{'depth':>6}{'dim':>6}{'heads':>6}{'kv':>4}{'ffn':>7}{'experts':>9}{'params':>18}{'active':>18}"
+          f"{'FLOPs/token':>14}   (vocab {a.vocab_size}, seq {a.seq_len}; ffn: an expert's width in an MoE; FLOPs = "
+          "training, forward + backward, over the active parameters)")
     for name in PRESETS:
         c = preset(name, vocab_size=a.vocab_size, max_seq_len=a.seq_len)
-        print(f"{name:<8}{c.depth:>6}{c.dim:>6}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>7}{num_params(c):>16,}"
-              f"{flops_per_token(c, a.seq_len):>14.3e}")
+        experts = f"{c.experts}x{c.experts_active}" + (f"+{c.shared_experts}" if c.shared_experts else "") if c.experts else "-"
+        print(f"{name:<12}{c.depth:>6}{c.dim:>6}{c.n_heads:>6}{c.n_kv_heads:>4}{c.expert_width if c.experts else c.ffn_dim:>7}"
+              f"{experts:>9}{num_params(c):>18,}{num_params(c, active=True):>18,}{flops_per_token(c, a.seq_len):>14.3e}")
 
 
 def _generate(a):
@@ -550,9 +564,10 @@ def _add_import(sub):
 def _plan(a):
     import json
 
-    from tweetlm.plan.planner import PlanConfig, format_plan, parse_count, plan
+    from tweetlm.plan.planner import PlanConfig, format_plan, parse_count, parse_moe, plan
 
-    result = plan(_config(PlanConfig, a, params=parse_count(a.params) if a.params else None))
+    result = plan(_config(PlanConfig, a, params=parse_count(a.params) if a.params else None,
+                          **(parse_moe(a.moe) if a.moe else {})))
     print(json.dumps(result.to_dict(), indent=1) if a.json else format_plan(result))
 
 
@@ -571,6 +586,9 @@ def _add_plan(sub):
     p.add_argument("--optimizer", choices=("muon", "adamw"), help="sets the optimizer state's size")
     p.add_argument("--tokens", dest="tokens_dir", type=Path, metavar="TOKENS",
                    help="a `tweetlm data tokenize` folder: measure tokens per post on it")
+    p.add_argument("--moe", metavar="ExK[+S]", help="plan a mixture of experts: E experts, K active per token, S shared "
+                   "(8x2: Mixtral, Grok-1; 256x8+1: DeepSeek-V3); FLOPs follow the active parameters, memory all of them, "
+                   "--params the total")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

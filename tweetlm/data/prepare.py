@@ -76,6 +76,9 @@ class PrepareConfig:
     drop_toxic: Path | None = None  # a `tweetlm safety train` folder: drop the posts it scores toxic
     toxic_threshold: float | None = None  # default: the classifier's own
     seed: int = 0
+    # A Ray cluster to run on (ray_prepare.py; workers and near_dup_mb then unused): "local" (started for the run),
+    # "auto" (the one this machine joined), "ray://HOST:PORT" or "HOST:PORT". None: processes on this machine.
+    ray: str | None = None
 
     def __post_init__(self):
         ratios = (self.val_ratio, self.test_ratio)
@@ -93,17 +96,14 @@ class PrepareConfig:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Writes CORPUS/{train,val,test}/part-NNNNN.parquet and CORPUS/report.json; returns the report."""
+    if cfg.ray is not None:
+        from tweetlm.data.ray_prepare import prepare_on_ray  # here: Ray loads only for --ray
+
+        return prepare_on_ray(cfg)
     start = time.perf_counter()
     out = Path(cfg.out)
-    if cfg.lang:
-        _language_id(cfg.lang)  # an unknown code fails here, before any work
-    if cfg.drop_toxic:
-        _safety(cfg.drop_toxic, cfg.toxic_threshold)  # likewise a missing classifier
-    files, skipped = post_files(cfg.inputs)
+    files, skipped = _inputs(cfg)
     tasks = [(str(path), fmt, str(out / _TMP / f"{i:06d}.arrow")) for i, (path, fmt) in enumerate(files)]
-    if not tasks:
-        raise UserError(f"none of the {len(skipped)} input files holds posts ({skipped[0]['file']}: {skipped[0]['why']}); "
-                        "see `tweetlm data prepare --help` for the formats")
     _claim(out)
     bar = tqdm(unit=" posts", unit_scale=True, file=sys.stderr, disable=None, desc="data prepare")
     try:
@@ -119,14 +119,27 @@ def prepare(cfg: PrepareConfig) -> dict:
     finally:
         bar.close()
         shutil.rmtree(out / _TMP, ignore_errors=True)
-    report = _report(cfg, merge, skipped, time.perf_counter() - start)
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    print(_summary(report, out))
-    assert report["invariant_ok"], f"read {report['read']} != kept {report['kept']} + dropped {report['dropped']}"
+    report = _report(cfg, merge.files, merge.by_lang, merge.by_split, exact_hashes=len(merge.exact),
+                     near_bytes=merge.near.nbytes if merge.near else 0, skipped=skipped,
+                     seconds=time.perf_counter() - start)
+    _write_report(report, out)
     return report
 
 
 # ---------------------------------------------------------------- inputs and output
+
+
+def _inputs(cfg: PrepareConfig) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """The input files that hold posts with their format, and the skipped ones; checks the filters' files first."""
+    if cfg.lang:
+        _language_id(cfg.lang)  # an unknown code fails here, before any work
+    if cfg.drop_toxic:
+        _safety(cfg.drop_toxic, cfg.toxic_threshold)  # likewise a missing classifier
+    files, skipped = post_files(cfg.inputs)
+    if not files:
+        raise UserError(f"none of the {len(skipped)} input files holds posts ({skipped[0]['file']}: {skipped[0]['why']}); "
+                        "see `tweetlm data prepare --help` for the formats")
+    return files, skipped
 
 
 def _claim(out: Path) -> None:
@@ -305,6 +318,24 @@ def _top_authors(results: list[dict], fraction: float) -> pa.Array:
     return pa.array(ranked[: int(fraction * len(counts))], pa.string())
 
 
+def _top_author_rows(batch: pa.RecordBatch, top: pa.Array) -> np.ndarray:
+    """bool[rows]: the rows whose author is one of `top`."""
+    return pc.is_in(batch["author_id"], value_set=top).fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def _write_rows(batch: pa.RecordBatch | pa.Table, writers: dict[str, ShardWriter], by_lang: Counter,
+               by_split: Counter) -> int:
+    """Writes the kept rows of `batch` to the shards of their split, counting them by language and split."""
+    by_lang.update(batch["lang_seen"].to_pylist())
+    splits = batch["split"]
+    for split in SPLITS:
+        rows = batch.filter(pc.equal(splits, split))
+        by_split[split] += rows.num_rows
+        for row in rows.select(SCHEMA.names).to_pylist():
+            writers[split].write(row)
+    return batch.num_rows
+
+
 class _Merge:
     """Stage 2: author, exact and near-duplicate drops, then Parquet shards per split."""
 
@@ -325,8 +356,7 @@ class _Merge:
                 batch = spill.get_batch(i)
                 keep = np.ones(batch.num_rows, bool)
                 if self.top is not None:
-                    top = pc.is_in(batch["author_id"], value_set=self.top).fill_null(False).to_numpy(zero_copy_only=False)
-                    self._drop(keep, np.flatnonzero(top), "top_author", dropped)
+                    self._drop(keep, np.flatnonzero(_top_author_rows(batch, self.top)), "top_author", dropped)
                 rows = np.flatnonzero(keep)
                 first = self.exact.first_seen(batch["hash"].to_numpy()[rows])
                 self._drop(keep, rows[~first], "duplicate", dropped)
@@ -335,7 +365,7 @@ class _Merge:
                     bands = batch["bands"].flatten().to_numpy().reshape(batch.num_rows, -1)
                     first = self.near.first_seen(bands[rows])
                     self._drop(keep, rows[~first], "near_duplicate", dropped)
-                kept += self._write(batch.filter(keep))
+                kept += _write_rows(batch.filter(keep), self.writers, self.by_lang, self.by_split)
         self.files.append({**result, "kept": kept})
 
     @staticmethod
@@ -345,16 +375,6 @@ class _Merge:
             dropped[reason] += len(rows)
             keep[rows] = False
 
-    def _write(self, batch: pa.RecordBatch) -> int:
-        self.by_lang.update(batch["lang_seen"].to_pylist())
-        splits = batch["split"]
-        for split in SPLITS:
-            rows = batch.filter(pc.equal(splits, split))
-            self.by_split[split] += rows.num_rows
-            for row in rows.select(SCHEMA.names).to_pylist():
-                self.writers[split].write(row)
-        return batch.num_rows
-
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
@@ -363,30 +383,44 @@ class _Merge:
 # ---------------------------------------------------------------- report
 
 
-def _report(cfg: PrepareConfig, merge: _Merge, skipped: list[dict], seconds: float) -> dict:
+def _report(cfg: PrepareConfig, files: list[dict], by_lang: Counter, by_split: Counter, *, exact_hashes: int,
+            near_bytes: int, skipped: list[dict], seconds: float) -> dict:
+    """report.json from each input file's result (stage 1's counts plus its `kept` and final `dropped`), in input order."""
     dropped, by_source, malformed = Counter(), {}, []
-    for f in merge.files:
+    for f in files:
         dropped.update(f["dropped"])
         by_source[f["file"]] = {"format": f["format"], "read": f["read"], "kept": f["kept"],
                                 "dropped": dict(sorted(f["dropped"].items()))}
         malformed += f["malformed"]
-    read, kept = sum(f["read"] for f in merge.files), sum(f["kept"] for f in merge.files)
+    read, kept = sum(f["read"] for f in files), sum(f["kept"] for f in files)
     config = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     return {
         "read": read, "kept": kept,
         "dropped": {r: dropped[r] for r in REASONS if dropped[r]},
         "invariant_ok": read == kept + sum(dropped.values()),
-        "by_split": {s: merge.by_split[s] for s in SPLITS},
-        "by_lang": dict(merge.by_lang.most_common()),
+        "by_split": {s: by_split[s] for s in SPLITS},
+        "by_lang": dict(by_lang.most_common()),
         "by_source": by_source,
         "skipped": skipped,
         "malformed_examples": malformed[:_MAX_EXAMPLES],
-        "exact_dedup_hashes": len(merge.exact),
-        "near_dup_index_bytes": merge.near.nbytes if merge.near else 0,
+        "exact_dedup_hashes": exact_hashes,
+        "near_dup_index_bytes": near_bytes,
         "seconds": round(seconds, 3),
         "posts_per_s": round(read / seconds, 1) if seconds else None,
         "config": config,
     }
+
+
+def _write_report(report: dict, out: Path | str, write: Callable[[str, str], None] | None = None) -> None:
+    """report.json, last (its presence marks a finished corpus), once the invariant holds; then the summary.
+    `write(path, text)` writes it elsewhere than the local disk (ray_prepare.py: a URL)."""
+    assert report["invariant_ok"], f"read {report['read']} != kept {report['kept']} + dropped {report['dropped']}"
+    text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+    if write:
+        write(f"{out}/report.json", text)
+    else:
+        (Path(out) / "report.json").write_text(text)
+    print(_summary(report, out))
 
 
 def _summary(report: dict, out: Path) -> str:

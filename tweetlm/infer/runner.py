@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tweetlm.device import inference_dtype
+from tweetlm.errors import UserError
 from tweetlm.infer.kv_cache import Batch, KVCache
 from tweetlm.model.llama import Llama
 
@@ -35,6 +36,10 @@ class Runner:
 
     def __init__(self, model: Llama, *, dtype: torch.dtype | None = None):
         self.config = cfg = model.config
+        if cfg.experts:
+            raise UserError(f"this model is a mixture of experts ({cfg.experts} experts, {cfg.experts_active} active): MoE "
+                            "decoding lands with issue 15, part 2; until then `tweetlm eval bpb` and `eval tweeteval` "
+                            "read it, and its training samples are in RUN/samples.txt")
         weight = model.embed.weight
         self.device = weight.device
         self.dtype = inference_dtype(self.device) if dtype is None else dtype

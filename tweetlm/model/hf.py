@@ -81,6 +81,9 @@ def export_hf(run_dir: Path, out: Path, *, dtype: str = "float32") -> None:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(_DTYPES)}")
     model, tokenizer = load_model(run_dir)
     cfg = model.config
+    if cfg.experts:
+        raise UserError(f"{run_dir} is a mixture of experts ({cfg.experts} experts, {cfg.experts_active} active): the export "
+                        "to transformers' Mixtral layout lands with issue 15, part 2; dense runs export as Llama today")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"writing {out}/model.safetensors ({dtype})", flush=True)

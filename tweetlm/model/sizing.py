@@ -3,7 +3,9 @@
 depth -> dim = 64 * depth (nanochat's aspect ratio), heads of 64 dims (128 from dim 2048 up, as Llama 3),
 kv heads = heads / 4 where that divides (Llama 3's 4:1 grouping), else / 2, SwiGLU width 8/3 * dim rounded up
 to a multiple of 64 (the parameter count of a 4x GELU MLP, Shazeer 2020). Presets are names for depths, with
-explicit overrides where a well-known shape is the point (the Llama 3.2 1B and Llama 3 8B shapes).
+explicit overrides where a well-known shape is the point (the Llama 3.2 1B and Llama 3 8B shapes, and the
+mixtures of experts of Grok-1 and DeepSeek-V3). An MoE has two sizes: all its parameters (memory, checkpoints)
+and the active ones a token goes through (FLOPs); `num_params(cfg, active=True)` counts the latter.
 """
 
 from tweetlm.errors import check
@@ -18,6 +20,18 @@ PRESETS: dict[str, tuple[int, dict]] = {
     "125m": (12, {}),  # dim 768, GPT-2 small class
     "1b": (16, dict(dim=2048, n_heads=32, n_kv_heads=8, ffn_dim=8192)),  # Llama 3.2 1B shape
     "8b": (32, dict(dim=4096, n_heads=32, n_kv_heads=8, ffn_dim=14336, tie_embeddings=False, rope_theta=500_000.0)),  # Llama 3 8B shape
+    # small with 8 experts of half its MLP width, 2 active: small's FLOPs per token, 4x its MLP parameters (CPU)
+    "small-moe": (4, dict(n_heads=4, n_kv_heads=2, experts=8, experts_active=2, expert_dim=352)),
+    # Grok-1 (xai-org/grok-1, run.py and model.py): 64 layers, dim 6144, 48 heads of 128 (8 kv), 8 experts of width
+    # 32768 (widening factor 8 x 2/3), 2 active, tied embeddings, vocab 131072: 315.7B (314B published), 26.5% active
+    "grok-1": (64, dict(dim=6144, n_heads=48, n_kv_heads=8, ffn_dim=32768, experts=8, experts_active=2)),
+    # DeepSeek-V3's experts (arXiv:2412.19437; config.json of deepseek-ai/DeepSeek-V3): 61 layers, dim 7168, 256 routed
+    # experts of width 2048, 8 active, 1 shared, untied head, vocab 129280. Not its multi-head latent attention
+    # (grouped-query attention here, 56 heads of 128 and 14 kv), nor its 3 dense first layers (all 61 are MoE here),
+    # sigmoid routing with loss-free balancing, or its multi-token prediction module: 700.2B total (671B published,
+    # +4.4%), 34.0B active (37B, -8.2%)
+    "deepseek-v3": (61, dict(dim=7168, experts=256, experts_active=8, shared_experts=1, expert_dim=2048,
+                             tie_embeddings=False)),
 }
 
 
@@ -36,19 +50,33 @@ def config_from_depth(depth: int, *, vocab_size: int, max_seq_len: int = 1024, *
                        ffn_dim=ffn_dim, max_seq_len=max_seq_len, **overrides)
 
 
-def preset(name: str, *, vocab_size: int, max_seq_len: int = 1024) -> ModelConfig:
+def preset(name: str, *, vocab_size: int, max_seq_len: int = 1024, **overrides) -> ModelConfig:
+    """The named shape; keyword overrides replace its fields (--set model.experts=8 on a dense preset)."""
     check(name in PRESETS, "model.preset", name, f"choose one of {', '.join(PRESETS)}")
-    depth, overrides = PRESETS[name]
-    return config_from_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len, **overrides)
+    depth, fields = PRESETS[name]
+    return config_from_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len, **{**fields, **overrides})
 
 
-def num_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
-    """Exact parameter count of Llama(cfg); embedding=False leaves out the input embedding table
-    (a lookup, no FLOPs), keeping the output head even when tied."""
+def attention_params(cfg: ModelConfig) -> int:
+    """One block's attention: wq, wk, wv, wo (and the q/k norm weights)."""
     hd = cfg.head_dim
-    attention = cfg.dim * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + (2 * hd if cfg.qk_norm else 0)
-    mlp = 3 * cfg.dim * cfg.ffn_dim
-    block = attention + mlp + 2 * cfg.dim  # + two RMSNorm weights
+    return cfg.dim * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + (2 * hd if cfg.qk_norm else 0)
+
+
+def mlp_params(cfg: ModelConfig, *, active: bool = False) -> int:
+    """One block's MLP: the dense SwiGLU, or the MoE's router, experts and shared experts; active=True counts
+    the experts one token goes through (experts_active of them, and the shared ones)."""
+    if not cfg.experts:
+        return 3 * cfg.dim * cfg.ffn_dim
+    routed = cfg.experts_active if active else cfg.experts
+    return cfg.dim * cfg.experts + 3 * cfg.dim * cfg.expert_width * (routed + cfg.shared_experts)
+
+
+def num_params(cfg: ModelConfig, *, embedding: bool = True, active: bool = False) -> int:
+    """Exact parameter count of Llama(cfg); embedding=False leaves out the input embedding table
+    (a lookup, no FLOPs), keeping the output head even when tied. active=True counts, in an MoE, the
+    parameters one token goes through (total and active are equal in a dense model)."""
+    block = attention_params(cfg) + mlp_params(cfg, active=active) + 2 * cfg.dim  # + two RMSNorm weights
     table = cfg.vocab_size * cfg.dim
     head = 0 if cfg.tie_embeddings else table
     if not embedding:
@@ -57,8 +85,9 @@ def num_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token: 6 per matrix parameter (embedding lookup excluded,
-    output head included) plus attention scores and values, 12 * depth * dim * seq_len, as in the PaLM
-    paper's appendix B and nanochat's estimate_flops (causal masking not discounted)."""
-    return 6 * num_params(cfg, embedding=False) + 12 * cfg.depth * cfg.dim * seq_len
+    """Training FLOPs (forward + backward) per token: 6 per matrix parameter a token goes through (embedding
+    lookup excluded, output head included; in an MoE the active parameters, router included) plus attention
+    scores and values, 12 * depth * dim * seq_len, as in the PaLM paper's appendix B and nanochat's
+    estimate_flops (causal masking not discounted). Memory, by contrast, follows all the parameters."""
+    return 6 * num_params(cfg, embedding=False, active=True) + 12 * cfg.depth * cfg.dim * seq_len
 

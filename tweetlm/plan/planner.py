@@ -2,11 +2,19 @@
 
     tweetlm plan --gpus 10000 --gpu h100 --days 30
     tweetlm plan --gpus 64 --gpu h200 --days 7 --params 8B --tokens work/tokens
+    tweetlm plan --gpus 1024 --gpu h100 --days 30 --moe 8x2
 
 The budget is C = GPUs x dense bf16 peak x MFU x seconds. Training costs C ~ 6 N D FLOPs (N parameters,
 D tokens; Kaplan et al. 2020, Hoffmann et al. 2022) and the compute-optimal split keeps D = r N, so
 N = sqrt(C / 6r), D = r N. With --params N is given and D = C / 6N. Memory, layout and time are then worked
 out for the tweetlm shape nearest N on the one sizing dial, depth (model/sizing.py).
+
+A mixture of experts (--moe EXPERTSxACTIVE[+SHARED]: 8x2, 256x8+1) has two sizes: its FLOPs follow the active
+parameters, its memory all of them. N in 6 N D is then the active count: the compute-optimal N is taken as the
+active size (the dense ratio r applied to active parameters: a first guess, as MoE scaling laws differ, e.g.
+Krajewski et al. 2024), while --params names the total, as MoE models are named (Grok-1's 314B), whose active
+part is the chosen shape's active fraction of it. Shapes: a preset with the same experts within ~15%, else the
+depth whose shape with that many full-width experts (expert_dim = ffn_dim, as Mixtral and Grok-1) comes nearest.
 """
 
 import math
@@ -16,7 +24,8 @@ from pathlib import Path
 
 from tweetlm.errors import ConfigError, UserError, check
 from tweetlm.model.llama import ModelConfig
-from tweetlm.model.sizing import PRESETS, config_from_depth, flops_per_token, num_params, preset
+from tweetlm.model.sizing import (PRESETS, attention_params, config_from_depth, flops_per_token, mlp_params, num_params,
+                                  preset)
 from tweetlm.plan.accelerators import Accelerator, accelerator
 from tweetlm.tokenizer.shards import read_index
 
@@ -33,6 +42,7 @@ DEFAULT_VOCAB = 32768
 MEMORY_RESERVE = 0.10
 _MAX_DEPTH = 1024  # 4.6e13 parameters: past the optimum of a million B200s for a year (1.5e13)
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+_MOE_FIELDS = ("experts", "experts_active", "shared_experts")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +57,9 @@ class PlanConfig:
     vocab_size: int | None = None  # None: the token folder's, else DEFAULT_VOCAB
     optimizer: str = "muon"  # as train's optim.name: the optimizer state differs (see _memory)
     tokens_dir: Path | None = None  # a `tweetlm data tokenize` folder to measure tokens per post from
+    experts: int = 0  # a mixture of experts (--moe 8x2): routed experts per block; 0: dense
+    experts_active: int = 2  # experts per token
+    shared_experts: int = 0  # experts every token goes through as well
 
     def __post_init__(self):
         check(isinstance(self.gpus, int) and self.gpus >= 1, "gpus", self.gpus, "must be a positive integer")
@@ -60,6 +73,14 @@ class PlanConfig:
         check(self.vocab_size is None or self.vocab_size >= 8, "vocab_size", self.vocab_size, "must be at least 8")
         check(self.optimizer in ("muon", "adamw"), "optimizer", self.optimizer, "choose muon or adamw")
         accelerator(self.gpu)  # an unknown name fails here, listing the known ones
+        check(self.experts == 0 or 2 <= self.experts_active <= self.experts, "moe", f"{self.experts}x{self.experts_active}",
+              "needs 2 to EXPERTS active experts, e.g. 8x2")
+        check(self.shared_experts == 0 or self.experts > 0, "moe", self.shared_experts, "shared experts need routed ones")
+
+    @property
+    def moe(self) -> dict:
+        """The expert fields as ModelConfig keywords: {} for a dense plan."""
+        return {name: getattr(self, name) for name in _MOE_FIELDS} if self.experts else {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,15 +104,17 @@ class Plan:
     config: PlanConfig
     accelerator: Accelerator
     budget: float  # FLOPs
-    params: float  # N: compute-optimal, or --params
+    params: float  # N: compute-optimal, or --params (an MoE's total)
+    active_params: float  # the N in 6 N D: params for a dense model; an MoE's active parameters
     tokens: float  # D = budget / 6N
     model: ModelConfig  # the tweetlm shape nearest N
-    shape: str  # how to ask `tweetlm train` for it: --preset NAME or --depth N
+    shape: str  # how to ask `tweetlm train` for it: --preset NAME or --depth N (with --set model.experts=...)
     model_params: int
+    model_active_params: int  # = model_params for a dense model
     model_flops_per_token: float  # training FLOPs per token, attention included (model/sizing.py)
-    preset: str  # the nearest named preset
-    preset_params: int
-    preset_flops_per_token: float
+    preset: str | None  # the nearest named preset with the same experts (None: no preset has them)
+    preset_params: int | None
+    preset_flops_per_token: float | None
     memory: Memory  # at the chosen layout
     usable_memory: float  # bytes per GPU after MEMORY_RESERVE
     checkpointing: bool
@@ -123,6 +146,14 @@ def parse_count(text: str) -> float:
     return float(match[1]) * _SUFFIX[match[2].lower()]
 
 
+def parse_moe(text: str) -> dict:
+    """'8x2' -> {experts: 8, experts_active: 2, shared_experts: 0}; '256x8+1' adds 1 shared expert."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*(?:\+\s*(\d+))?\s*", text, re.IGNORECASE)
+    if not match:
+        raise UserError(f"--moe {text!r}: give EXPERTSxACTIVE[+SHARED], e.g. 8x2 (Mixtral, Grok-1) or 256x8+1 (DeepSeek-V3)")
+    return dict(zip(_MOE_FIELDS, (int(match[1]), int(match[2]), int(match[3] or 0))))
+
+
 def activation_bytes(cfg: ModelConfig, tokens: int, *, checkpointing: bool) -> float:
     """Bytes autograd keeps for the backward of `tokens` tokens (micro-batch x seq_len), counted per tensor as
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", section 4.1)
@@ -136,9 +167,19 @@ def activation_bytes(cfg: ModelConfig, tokens: int, *, checkpointing: bool) -> f
       MLP: two bf16 casts of the input 4h, w1 and w3 outputs, silu output and w2's input 4 x 2f
     -> 30h + 4rh + 8f bytes (52h at r = 1/4, f = 8h/3; the paper's GPT block: 34h). The head keeps its fp32
     norm (8h), a bf16 cast (2h) and the fp32 log-softmax (4V). Full checkpointing keeps each block's fp32
-    input (4h: the paper's 2sbh, at 16 bits) and one block's activations while it is recomputed."""
+    input (4h: the paper's 2sbh, at 16 bits) and one block's activations while it is recomputed.
+    An MoE block (E experts, k active of width F, s shared) keeps, in place of the MLP's 4h + 8f: the router's
+    fp32 input 4h (the norm's output, which the MLP's bf16 casts do not keep), its fp32 logits and probabilities
+    8E; for each of the k copies of a token, the two bf16 casts of its input 4h, the expert's 8F as the MLP's,
+    its bf16 output for the weighting 2h, three int64 indices (top-k, gather, unsort) and two fp32 weights 32;
+    the shared experts as an MLP of width sF, 4h + 8sF."""
     h, f, r = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads / cfg.n_heads
-    layer = 30 * h + 4 * r * h + 8 * f
+    if cfg.experts:
+        shared = 4 * h + 8 * cfg.shared_experts * cfg.expert_width if cfg.shared_experts else 0
+        mlp = 4 * h + 8 * cfg.experts + cfg.experts_active * (6 * h + 8 * cfg.expert_width + 32) + shared
+    else:
+        mlp = 4 * h + 8 * f
+    layer = 26 * h + 4 * r * h + mlp
     head = 10 * h + 4 * cfg.vocab_size
     blocks = cfg.depth * 4 * h + layer if checkpointing else cfg.depth * layer
     return tokens * (blocks + head)
@@ -148,18 +189,24 @@ def plan(config: PlanConfig) -> Plan:
     acc = accelerator(config.gpu)
     budget = config.gpus * acc.bf16_flops * config.mfu * config.days * DAY
     n = config.params or math.sqrt(budget / (6 * config.tokens_per_param))
-    tokens = budget / (6 * n)
     tokens_per_post, source, corpus_tokens, index_vocab = _measure_posts(config.tokens_dir)
     vocab = config.vocab_size or index_vocab or DEFAULT_VOCAB
-    nearest = min(PRESETS, key=lambda name: abs(math.log(num_params(preset(name, vocab_size=vocab)) / n)))
-    preset_cfg = preset(nearest, vocab_size=vocab, max_seq_len=config.seq_len)
+    # N is an MoE's total with --params, its active size at the compute optimum (one count when dense)
+    by_active = config.params is None
+    kind = config.moe or {"experts": 0}
+    presets = {name: preset(name, vocab_size=vocab, max_seq_len=config.seq_len) for name in PRESETS}
+    presets = {name: cfg for name, cfg in presets.items() if all(getattr(cfg, k) == v for k, v in kind.items())}
+    gaps = {name: abs(math.log(num_params(cfg, active=by_active) / n)) for name, cfg in presets.items()}
+    nearest = min(gaps, key=gaps.get, default=None)
     # A preset within ~15% of N is the shape to train (named shapes such as Llama 3 8B are what presets are
     # for); otherwise the depth whose derived shape comes nearest.
-    if abs(math.log(num_params(preset_cfg) / n)) < 0.15:
-        model, shape = preset_cfg, f"--preset {nearest}"
+    if nearest is not None and gaps[nearest] < 0.15:
+        model, shape = presets[nearest], f"--preset {nearest}"
     else:
-        model = _nearest_depth(n, vocab, config.seq_len)
-        shape = f"--depth {model.depth}"
+        model = _nearest_depth(n, vocab, config.seq_len, config.moe, active=by_active)
+        shape = f"--depth {model.depth}" + "".join(f" --set model.{k}={v}" for k, v in config.moe.items() if v)
+    active = n if by_active else n * (num_params(model, active=True) / num_params(model))  # n itself when dense
+    tokens = budget / (6 * active)
     fpt = flops_per_token(model, config.seq_len)
 
     # DeepSeek LLM (Bi et al. 2024, arXiv:2401.02954, section 3.1): B_opt = 0.2920 C^0.3271 tokens.
@@ -194,14 +241,21 @@ def plan(config: PlanConfig) -> Plan:
                      f"{per_sequence / suggested:.1f}x the ~{_count(suggested)} suggested for this budget: "
                      "past it a larger batch needs more tokens for the same loss; tensor or context parallelism "
                      "(not in tweetlm) lets GPUs share a sequence")
+    if config.experts:
+        notes.append(f"the experts are sharded by FSDP like every weight, so each block's forward gathers all "
+                     f"{config.experts} of them ({_gb(2 * mlp_params(model))} in bf16); expert parallelism (not in "
+                     "tweetlm) would keep each GPU's experts local and send it the tokens instead")
     if corpus_tokens:
         epochs = tokens / corpus_tokens
         notes.append(f"the corpus's train split holds {_count(corpus_tokens)} tokens: {_count(epochs)} epochs of it"
                      + (" (beyond ~4 epochs repeated tokens are worth much less: Muennighoff et al. 2023, "
                         "'Scaling Data-Constrained Language Models')" if epochs > 4 else ""))
-    return Plan(config=config, accelerator=acc, budget=budget, params=n, tokens=tokens, model=model, shape=shape,
-                model_params=num_params(model), model_flops_per_token=fpt, preset=nearest,
-                preset_params=num_params(preset_cfg), preset_flops_per_token=flops_per_token(preset_cfg, config.seq_len),
+    preset_cfg = presets.get(nearest)
+    return Plan(config=config, accelerator=acc, budget=budget, params=n, active_params=active, tokens=tokens,
+                model=model, shape=shape, model_params=num_params(model),
+                model_active_params=num_params(model, active=True), model_flops_per_token=fpt, preset=nearest,
+                preset_params=num_params(preset_cfg) if preset_cfg else None,
+                preset_flops_per_token=flops_per_token(preset_cfg, config.seq_len) if preset_cfg else None,
                 memory=memory, usable_memory=usable, checkpointing=checkpointing, fits=fits,
                 shard_group=group, micro_batch=micro, grad_accum=accum, batch_tokens=batch,
                 suggested_batch_tokens=suggested, step_seconds=step, steps=steps, days=steps * step / DAY,
@@ -222,16 +276,16 @@ def _measure_posts(tokens_dir: Path | None) -> tuple[float, str, int | None, int
     return tokens / docs, source, tokens, index["vocab_size"]
 
 
-def _nearest_depth(n: float, vocab: int, seq_len: int) -> ModelConfig:
-    """config_from_depth at the depth whose parameter count is nearest n (in ratio); depths whose derived
-    head count does not divide the width are skipped."""
+def _nearest_depth(n: float, vocab: int, seq_len: int, moe: dict, *, active: bool) -> ModelConfig:
+    """config_from_depth (with the experts `moe`) at the depth whose parameter count (active ones if `active`)
+    is nearest n (in ratio); depths whose derived head count does not divide the width are skipped."""
     best, best_gap = None, math.inf
     for depth in range(1, _MAX_DEPTH + 1):
         try:
-            cfg = config_from_depth(depth, vocab_size=vocab, max_seq_len=seq_len)
+            cfg = config_from_depth(depth, vocab_size=vocab, max_seq_len=seq_len, **moe)
         except ConfigError:  # a depth whose heads do not divide the width
             continue
-        gap = math.log(num_params(cfg) / n)
+        gap = math.log(num_params(cfg, active=active) / n)
         if abs(gap) < best_gap:
             best, best_gap = cfg, abs(gap)
         if gap > 0.7:  # twice n: parameters only grow with depth
@@ -254,9 +308,8 @@ def _memory(model: ModelConfig, config: PlanConfig, shard: int, micro_batch: int
     Muon's one fp32 momentum 4 B for the attention and MLP matrices, AdamW's 8 B for the rest. Transient, whole:
     two units of bf16 weights (the one computing, the one prefetched) and one unit's gradient in bf16 and fp32,
     10 B per parameter of the largest unit; and the logits at the loss, bf16 and fp32, 6 B per token and word."""
-    total = num_params(model)
-    attention = model.dim * model.head_dim * 2 * (model.n_heads + model.n_kv_heads)
-    matrices = model.depth * (attention + 3 * model.dim * model.ffn_dim)  # the Muon set: wq wk wv wo, w1 w2 w3
+    total = num_params(model)  # an MoE's memory holds every expert
+    matrices = model.depth * (attention_params(model) + mlp_params(model))  # the Muon set: wq wk wv wo, w1 w2 w3 (router)
     optimizer = 8 * total if config.optimizer == "adamw" else 4 * matrices + 8 * (total - matrices)
     root = total - matrices - 2 * model.depth * model.dim  # embedding, untied head, final norm
     tokens = micro_batch * config.seq_len
@@ -281,18 +334,30 @@ def _gb(x: float) -> str:
 def format_plan(p: Plan) -> str:
     """The human-readable report `tweetlm plan` prints."""
     c, a, m, md = p.config, p.accelerator, p.memory, p.model
-    why = f"compute-optimal at {c.tokens_per_param:g} tokens per parameter" if c.params is None else "--params"
+    per = "active parameter" if md.experts else "parameter"
+    why = f"compute-optimal at {c.tokens_per_param:g} tokens per {per}" if c.params is None else "--params"
+    model = f"{_count(p.params)} parameters ({why})"
+    shape = f"{md.n_heads} heads ({md.n_kv_heads} kv), ffn {md.ffn_dim}"
+    params = f"{_count(p.model_params)} parameters"
+    nearest = (f"{p.preset}: {_count(p.preset_params)} parameters, {p.preset_flops_per_token:.3g} FLOPs/token" if p.preset
+               else "none with these experts")
+    if md.experts:
+        moe = f"{md.experts}x{md.experts_active}" + (f"+{md.shared_experts}" if md.shared_experts else "")
+        model = (f"{_count(p.active_params)} active parameters ({why}; mixture of experts {moe})" if c.params is None
+                 else f"{_count(p.params)} parameters, {_count(p.active_params)} active (--params; mixture of experts {moe})")
+        shape = f"{md.n_heads} heads ({md.n_kv_heads} kv), {moe} experts of width {md.expert_width}"
+        params += f" ({_count(p.model_active_params)} active: {p.model_active_params / p.model_params:.1%})"
     rows = [
         f"tweetlm plan: {c.gpus:,} x {a.name} for {c.days:g} days at {c.mfu:.0%} MFU "
         f"({a.bf16_flops / 1e12:,.0f} TFLOP/s dense bf16, {_gb(a.memory)}, {a.bandwidth / 1e12:.2f} TB/s per GPU)",
         "",
         f"compute budget   {p.budget:.3g} FLOPs",
-        f"model            {_count(p.params)} parameters ({why})",
-        f"tokens           {_count(p.tokens)} (C / 6N: {p.tokens / p.params:,.1f} per parameter)",
+        f"model            {model}",
+        f"tokens           {_count(p.tokens)} (C / 6N: {p.tokens / p.active_params:,.1f} per {per})",
         f"tweetlm shape    {p.shape}{'' if p.shape.startswith('--depth') else f' (depth {md.depth})'}: dim {md.dim}, "
-        f"{md.n_heads} heads ({md.n_kv_heads} kv), ffn {md.ffn_dim}, vocab {md.vocab_size}",
-        f"                 {_count(p.model_params)} parameters, {p.model_flops_per_token:.3g} FLOPs/token at seq {c.seq_len}",
-        f"nearest preset   {p.preset}: {_count(p.preset_params)} parameters, {p.preset_flops_per_token:.3g} FLOPs/token",
+        f"{shape}, vocab {md.vocab_size}",
+        f"                 {params}, {p.model_flops_per_token:.3g} FLOPs/token at seq {c.seq_len}",
+        f"nearest preset   {nearest}",
         "",
         f"memory per GPU   FSDP over {p.shard_group:,} GPUs, micro-batch {p.micro_batch} x {c.seq_len} tokens",
         f"  weights        {_gb(m.weights):>11}   fp32, sharded",

@@ -6,16 +6,19 @@ Layout of TOKENS/ (docs/CONTRACTS.md):
     train-00000.bin ...  raw little-endian uint16 (uint32 if the vocabulary has more than 65536 ids);
                          each document is [boundary_id] + encode(clean_text), so a shard starts with boundary_id
     index.json           tokenizer hash, dtype, and tokens / UTF-8 bytes / documents per shard
-The work unit is one Parquet row group; units go to worker processes and come back in order,
-so the bytes written do not depend on the number of workers.
+The work unit is one Parquet row group; units go to worker processes (or Ray tasks with --ray, on every node
+of a cluster: tweetlm/data/ray_cluster.py) and come back in order, so the bytes written do not depend on the
+number of workers, nor on Ray.
 """
 
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from functools import cache, partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from tweetlm.artifacts.files import write_text
 from tweetlm.data.corpus import SPLITS, shard_paths
+from tweetlm.data.ray_cluster import cluster_cpus, ray_session  # imports Ray only when a session starts
 from tweetlm.errors import UserError, check
 from tweetlm.tokenizer.bpe import Tokenizer
 
@@ -38,6 +42,8 @@ class TokenizeConfig:
     workers: int = 1
     # A new shard starts at the first document past this many tokens: 200 MB files in uint16.
     shard_tokens: int = 100_000_000
+    # A Ray cluster to encode on: "local" (started for the run), "auto" (this machine's), "ray://HOST:PORT".
+    ray: str | None = None
 
     def __post_init__(self):
         check(self.workers >= 1, "workers", self.workers, "must be at least 1")
@@ -66,23 +72,25 @@ def tokenize(config: TokenizeConfig) -> dict:
     tokenizer = Tokenizer.load(config.tokenizer)
     dtype = _dtype(tokenizer.vocab_size)
     units = _units(config.corpus)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Remove the previous index first: until the new one is renamed in, the folder reads as unfinished.
-    (out / "index.json").unlink(missing_ok=True)
-    for split in SPLITS:
-        for stale in out.glob(f"{split}-*.bin"):
-            stale.unlink()
+    # Connected before anything is written: an unreachable --ray address leaves the folder as it was.
+    with ray_session(config.ray) if config.ray is not None else nullcontext() as ray:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        # Remove the previous index first: until the new one is renamed in, the folder reads as unfinished.
+        (out / "index.json").unlink(missing_ok=True)
+        for split in SPLITS:
+            for stale in out.glob(f"{split}-*.bin"):
+                stale.unlink()
 
-    writers = {split: _ShardWriter(out, split, dtype, config.shard_tokens) for split in SPLITS}
-    t0, n_tokens = time.perf_counter(), 0
-    with tqdm(total=sum(u.rows for u in units), unit="doc", unit_scale=True, desc="tokenize") as bar:
-        for unit, encoded in zip(units, _encode_all(units, config, tokenizer)):
-            writers[unit.split].add(encoded)
-            n_tokens += len(encoded.tokens)
-            bar.update(unit.rows)
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0) / 1e6:.2f}M tok/s", refresh=False)
-    seconds = time.perf_counter() - t0
+        writers = {split: _ShardWriter(out, split, dtype, config.shard_tokens) for split in SPLITS}
+        t0, n_tokens = time.perf_counter(), 0
+        with tqdm(total=sum(u.rows for u in units), unit="doc", unit_scale=True, desc="tokenize") as bar:
+            for unit, encoded in zip(units, _encode_all(units, config, tokenizer, ray)):
+                writers[unit.split].add(encoded)
+                n_tokens += len(encoded.tokens)
+                bar.update(unit.rows)
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0) / 1e6:.2f}M tok/s", refresh=False)
+        seconds = time.perf_counter() - t0
 
     index = {"tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
              "boundary_id": tokenizer.boundary_id, "splits": {split: writers[split].close() for split in SPLITS}}
@@ -93,8 +101,8 @@ def tokenize(config: TokenizeConfig) -> dict:
         tokens, nbytes = sum(s["tokens"] for s in shards), sum(s["bytes"] for s in shards)
         ratio = f", {nbytes / tokens:.2f} bytes per token" if tokens else ""
         print(f"{split}: {sum(s['docs'] for s in shards):,} docs, {tokens:,} tokens in {len(shards)} shards{ratio}")
-    print(f"{n_tokens:,} tokens in {seconds:.1f}s ({n_tokens / seconds / 1e6:.2f}M tokens/s, "
-          f"{config.workers} workers) -> {out}")
+    where = f"Ray {config.ray}" if config.ray is not None else f"{config.workers} workers"
+    print(f"{n_tokens:,} tokens in {seconds:.1f}s ({n_tokens / seconds / 1e6:.2f}M tokens/s, {where}) -> {out}")
     return index
 
 
@@ -147,18 +155,45 @@ def _dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def _encode_all(units: list[_Unit], config: TokenizeConfig, tokenizer: Tokenizer) -> Iterator[_Encoded]:
-    """Encoded units in order: in this process, or across config.workers processes.
+def _encode_all(units: list[_Unit], config: TokenizeConfig, tokenizer: Tokenizer, ray) -> Iterator[_Encoded]:
+    """Encoded units in order: in this process, across config.workers processes, or in Ray tasks (`ray`, the
+    connected module, with --ray).
 
     One process already keeps the cores busy, since tokenizers' Rust thread pool splits each batch:
     on 2 cores both ways give 1.2-1.6M tokens/s (6.6M tokens of TweetEval + XLM-T posts, vocab 16384).
     """
+    if ray is not None:
+        yield from _encode_on_ray(ray, units, config)
+        return
     if config.workers == 1:
         yield from map(partial(_encode, tokenizer), units)
         return
     # spawn, not fork: a forked child of a process whose Rust thread pool has run can deadlock.
     with get_context("spawn").Pool(config.workers, _init_worker, (config.tokenizer,)) as pool:
         yield from pool.imap(_encode_in_worker, units)
+
+
+def _encode_on_ray(ray, units: list[_Unit], config: TokenizeConfig) -> Iterator[_Encoded]:
+    """Encoded units in order, from Ray tasks, 2 per CPU of the cluster in flight (so memory is bounded)."""
+    # One thread per task, as in _init_worker: the tasks already fill the cluster's cores.
+    encode = ray.remote(_encode_in_task).options(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    tokenizer, window = str(Path(config.tokenizer).absolute()), 2 * cluster_cpus(ray)
+    pending = deque()
+    for unit in units:
+        pending.append(encode.remote(tokenizer, replace(unit, path=unit.path.absolute())))
+        if len(pending) == window:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
+def _encode_in_task(tokenizer: str, unit: _Unit) -> _Encoded:
+    return _encode(_task_tokenizer(tokenizer), unit)
+
+
+@cache  # once per Ray worker process
+def _task_tokenizer(path: str) -> Tokenizer:
+    return Tokenizer.load(Path(path))
 
 
 _worker_tokenizer: Tokenizer | None = None  # one per worker process, set by _init_worker

@@ -1,14 +1,19 @@
 """`tweetlm tokenizer train`: a byte-level BPE (bpe.py) trained on a corpus's train split.
 
     tweetlm tokenizer train work/corpus --vocab-size 16384 --out work/tokenizer
+    tweetlm tokenizer train work/corpus --vocab-size 16384 --out work/tokenizer --sample 1000000
+
+--sample N trains on N posts of the train split drawn uniformly by a seeded reservoir (Vitter's algorithm R)
+while the shards stream by, so memory holds the N posts and one batch, never the corpus.
 """
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
@@ -29,11 +34,14 @@ class TokenizerConfig:
     vocab_size: int = 16384  # special tokens included
     # Training text cap, as nanochat's speedrun trains its tokenizer on ~2e9 chars (runs/speedrun.sh).
     max_chars: int = 2_000_000_000
+    sample: int | None = None  # train on this many posts drawn at random from the train split; None: all of it
+    seed: int = 0  # of the sample
 
     def __post_init__(self):
         check(self.vocab_size >= _MIN_VOCAB, "vocab_size", self.vocab_size, f"too small: byte-level BPE needs at least "
               f"{_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         check(self.max_chars >= 1, "max_chars", self.max_chars, "must be positive")
+        check(self.sample is None or self.sample >= 1, "sample", self.sample, "must be at least 1 post")
 
 
 def train_tokenizer(config: TokenizerConfig) -> Tokenizer:
@@ -51,7 +59,10 @@ def train_tokenizer(config: TokenizerConfig) -> Tokenizer:
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                          show_progress=sys.stdout.isatty())  # off a terminal it only prints blank lines
     t0 = time.perf_counter()
-    hf.train_from_iterator(_capped(iter_texts(config.corpus, "train"), config.max_chars), trainer)
+    texts = iter_texts(config.corpus, "train")
+    if config.sample is not None:
+        texts = [sample(texts, config.sample, seed=config.seed)]
+    hf.train_from_iterator(_capped(texts, config.max_chars), trainer)
     tokenizer = Tokenizer(hf.to_str(pretty=True))
     tokenizer.save(config.out)
 
@@ -70,6 +81,23 @@ def train_tokenizer(config: TokenizerConfig) -> Tokenizer:
     for ids in examples:
         print("  " + "|".join(tokenizer.decode([i]) for i in ids))
     return tokenizer
+
+
+def sample(batches: Iterable[list[str]], n: int, *, seed: int) -> list[str]:
+    """n texts drawn uniformly without replacement (all if fewer), in their order in `batches`: algorithm R, one
+    random draw per text, vectorized per batch."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[int, str]] = []  # (position, text)
+    seen = 0
+    for batch in batches:
+        fill = min(n - len(kept), len(batch))
+        kept += zip(range(seen, seen + fill), batch[:fill])
+        positions = np.arange(seen + fill, seen + len(batch))  # the i-th text replaces a slot with probability n/(i+1)
+        slots = (rng.random(len(positions)) * (positions + 1)).astype(np.int64)
+        for i in np.flatnonzero(slots < n):
+            kept[slots[i]] = (int(positions[i]), batch[fill + i])
+        seen += len(batch)
+    return [text for _, text in sorted(kept)]
 
 
 def _capped(batches: Iterator[list[str]], max_chars: int) -> Iterator[list[str]]:

@@ -24,11 +24,19 @@ from tweetlm.model.sizing import PRESETS, config_from_depth, preset
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """[model]: the shape, by preset name or by depth (model/sizing.py derives the rest); tiny if neither."""
+    """[model]: the shape, by preset name or by depth (model/sizing.py derives the rest); tiny if neither. The
+    mixture-of-experts fields, when set, replace the preset's (ModelConfig in model/llama.py says what each is):
+    `--set model.experts=8 --set model.experts_active=2` makes any shape an MoE."""
 
     preset: str | None = None
     depth: int | None = None
     seq_len: int = 256  # training context in tokens; also the model's max_seq_len
+    experts: int | None = None  # routed experts per block (0: dense)
+    experts_active: int | None = None  # experts per token (top-k)
+    shared_experts: int | None = None  # experts every token also goes through
+    expert_dim: int | None = None  # an expert's width (default: the shape's ffn_dim)
+    router_aux_coef: float | None = None  # load-balancing loss weight (default 0.01)
+    router_z_coef: float | None = None  # router z-loss weight (default 0.001)
 
     def __post_init__(self):
         check(self.preset is None or self.preset in PRESETS, "model.preset", self.preset, f"choose one of {', '.join(PRESETS)}")
@@ -36,11 +44,16 @@ class ModelSpec:
         check(self.depth is None or self.depth >= 1, "model.depth", self.depth, "must be a positive integer")
         check(self.seq_len >= 8, "model.seq_len", self.seq_len, "must be at least 8")
 
+    def experts_fields(self) -> dict:
+        """The mixture-of-experts fields set here, as ModelConfig keywords."""
+        names = ("experts", "experts_active", "shared_experts", "expert_dim", "router_aux_coef", "router_z_coef")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
     def resolve(self, *, vocab_size: int) -> ModelConfig:
         """The model's shape (ModelConfig refuses, with a ConfigError naming the field, one it cannot compute)."""
         if self.depth is not None:
-            return config_from_depth(self.depth, vocab_size=vocab_size, max_seq_len=self.seq_len)
-        return preset(self.preset or "tiny", vocab_size=vocab_size, max_seq_len=self.seq_len)
+            return config_from_depth(self.depth, vocab_size=vocab_size, max_seq_len=self.seq_len, **self.experts_fields())
+        return preset(self.preset or "tiny", vocab_size=vocab_size, max_seq_len=self.seq_len, **self.experts_fields())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,8 +156,10 @@ class TrainConfig:
         check(not (self.parallel == "fsdp" and self.optim.name == "muon"), "parallel", self.parallel,
                "fsdp needs optim.name = adamw (--set optim.name=adamw --set optim.lr=0.006): "
                "Muon needs whole matrices; use --parallel ddp to train with Muon")
-        check(self.init_from is None or (self.model.preset is None and self.model.depth is None), "init_from",
-               self.init_from, "takes the model's shape from that run: drop model.preset / model.depth (--preset, --depth)")
+        check(self.init_from is None or (self.model.preset is None and self.model.depth is None
+                                         and not self.model.experts_fields()), "init_from", self.init_from,
+              "takes the model's shape from that run: drop model.preset / model.depth (--preset, --depth) and the "
+              "model.experts fields")
         check(self.micro_batch >= 1, "micro_batch", self.micro_batch, "must be a positive integer")
         check(self.log_every >= 1, "log_every", self.log_every, "must be a positive integer")
         per_micro = self.micro_batch * self.model.seq_len

@@ -14,6 +14,11 @@ The backend follows the device: NCCL on CUDA, gloo on CPU. `parallelize` wraps t
 - ddp: every rank holds the whole model; gradients are averaged (all-reduce) at the last micro-batch of a step;
 - fsdp: FSDP2 (`fully_shard`) per block, then at the root: each rank holds 1/world of every weight, gradient
   and optimizer state; weights are all-gathered per block for forward and backward.
+
+When a process or a node of the job dies, the survivors' next collective fails and each prints one line,
+`tweetlm: rank R of N lost contact with ...`, before exiting (torchrun's own summary on a surviving node names that
+node's rank as the root cause, which only saw the other go). Under `torchrun --max-restarts K` the restarted
+processes continue the run from its latest checkpoint by themselves (`restart_count`, train/loop.py).
 """
 
 import contextlib
@@ -41,9 +46,12 @@ _GPU_PEAK_BF16 = {
 }
 
 # How long a rank waits in a collective for the others before the job fails instead of hanging. A rank that
-# dies is noticed at once (torchrun stops the others; a closed connection fails the collective); this covers a
-# rank that is alive but stuck. 10 minutes (NCCL's default) leaves room for work that one rank does alone or
-# that ranks finish at different times: torch.compile's first step, deleting old checkpoints of a large model.
+# dies is noticed at once, on its node or another: the kernel closes its sockets and the peers' next collective
+# fails (two torchrun nodes on one host, kill -9 of one: the other exits 1-3 s later, bench/distributed.py --nodes 2;
+# losing the node that hosts the rendezvous ends the other agents as fast), so no timeout is involved. This covers
+# a rank that is alive but stuck, and a node that vanishes without closing its connections (power or network loss:
+# no FIN or RST). 10 minutes (NCCL's default) leaves room for work that one rank does alone or that ranks finish
+# at different times: torch.compile's first step, deleting old checkpoints of a large model.
 _TIMEOUT = datetime.timedelta(minutes=10)
 
 # checkpoint_wrapper puts each wrapped block one level down, under this name, in parameter names
@@ -60,6 +68,11 @@ def world_size() -> int:
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's processes after a failure (`--max-restarts`); 0 otherwise."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def is_main() -> bool:
@@ -99,6 +112,12 @@ def process_group(device: torch.device, parallel: str):
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if restart_count() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun (2.13) keeps the store it shares with the processes across restarts, with the first attempt's
+        # addresses in it: a restarted process may read a dead peer's and fail to connect (1 restart in 2 on CPU
+        # here; PyTorch issues 135712, 167288). Without sharing, each attempt gets a fresh store.
+        print0("tweetlm: warning: restarts by torchrun fail at random while it shares its store with the processes: "
+               "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/distributed.md)")
     if world == 1:  # fsdp in one process, with or without torchrun: a group of one needs no rendezvous
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_TIMEOUT)
     else:
@@ -109,11 +128,28 @@ def process_group(device: torch.device, parallel: str):
         raise UserError(f"rank {rank()} of {world}: {e}" if world > 1 else str(e)) from None
     except BaseException as e:
         if world > 1:
-            what = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            print(f"\ntweetlm: rank {rank()} of {world} failed: {what}", file=sys.stderr, flush=True)  # \n: after a progress bar
+            print(f"\n{_failure(e, world)}", file=sys.stderr, flush=True)  # \n: after a progress bar
         raise  # no goodbye to the others: they may be gone; this process's exit ends the job
     dist.barrier()  # gloo aborts a process that leaves while a peer still talks to it (seen 1 in 5 runs without)
     dist.destroy_process_group()
+
+
+# What the backends say when a peer's connection closed under a collective: its process or its node died, or the
+# network between them failed (gloo's two, as seen when a node is killed; NCCL's).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer",
+              "remote process exited or there was a network error")
+
+
+def _failure(e: BaseException, world: int) -> str:
+    """The one line a failing rank prints. A peer's loss is said as such, naming the peer when there is only one,
+    so that a survivor's log does not read as the cause (the backends name an address at most)."""
+    what = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if any(s in str(e) for s in _PEER_GONE):
+        peer = f"rank {1 - rank()}" if world == 2 else "another rank"
+        return (f"tweetlm: rank {rank()} of {world} lost contact with {peer}: it or its node died, or the network "
+                f"failed (the first failure in the other nodes' logs is the cause; --resume continues from the last "
+                f"checkpoint): {what}")
+    return f"tweetlm: rank {rank()} of {world} failed: {what}"
 
 
 def barrier() -> None:

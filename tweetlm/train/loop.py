@@ -12,11 +12,15 @@ forward/backward, clip, step, log. The run folder RUN/ holds:
     tokenizer.json  the tokenizer, so RUN/ alone is enough for generate and eval
     checkpoints/    step-NNNNNN/ (tweetlm/artifacts/checkpoint.py): the last K and the best
     metrics.jsonl   one line per log step {step, loss, lr, grad_norm, tokens, tok_per_s, mfu, time} and per
-                    evaluation {step, tokens, val_loss, val_bpb}
+                    evaluation {step, tokens, val_loss, val_bpb}; an MoE run's log steps also hold router_aux,
+                    router_z (its load-balancing and z losses, mean over blocks and the step's micro-batches)
+                    and expert_load_min / expert_load_max (tokens per expert over the mean, over the step)
     loss.png        train and val loss by step, redrawn at each evaluation
     samples.txt     a few posts written by the model at every samples_every steps and at the end
-With several processes, every rank trains on its share of each step's batch (batches.py) and writes its shards
-of the checkpoints; only rank 0 writes the rest of RUN/ and prints. A write the file system refuses (read-only
+The loss each step minimizes is the cross-entropy, plus for an MoE model its router losses (model.router_loss():
+the MoE blocks keep their last forward's terms); `loss` in metrics.jsonl stays the cross-entropy alone, the figure
+val_loss compares with. With several processes, every rank trains on its share of each step's batch (batches.py)
+and writes its shards of the checkpoints; only rank 0 writes the rest of RUN/ and prints. A write the file system refuses (read-only
 folder, full disk) ends the run with one line naming the file and the cause (`train` translates the OSError);
 the last complete checkpoint stays, for `--resume`.
 """
@@ -46,7 +50,8 @@ from tweetlm.train.batches import TokenBatches, val_batches
 from tweetlm.train.checkpoint import load_checkpoint, save_checkpoint
 from tweetlm.train.config import TrainConfig, check_resume, load_config, to_toml
 from tweetlm.train.dist import (agree, all_reduce_sum, barrier, clip_grad_norm, grad_sync, is_main, parallelize,
-                                peak_flops, print0, process_group, rank, rank_device, seed_everything, world_size)
+                                peak_flops, print0, process_group, rank, rank_device, restart_count, seed_everything,
+                                world_size)
 from tweetlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
@@ -58,6 +63,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, batches=None, val=None) -> 
     the val windows of the shards: a list of (inputs, targets), this rank's share, as many on every rank.
     With both, cfg.tokens is not read (the tokenizer is then cfg.tokenizer's or init_from's)."""
     device = rank_device(cfg.device)
+    # torchrun --max-restarts restarts every process of the job after a failure, with the same command line: the
+    # restarted processes continue the run they started, from its latest checkpoint (docs/distributed.md).
+    if restart_count() and not resume and (Path(cfg.out) / "config.toml").is_file():
+        print0(f"torchrun restart {restart_count()}: {cfg.out} continues from its latest checkpoint, as with --resume")
+        resume = True
     with process_group(device, cfg.parallel):
         try:
             return _loop(cfg, _setup(cfg, device, resume=resume, batches=batches, val=val))
@@ -161,7 +171,9 @@ def _setup(cfg: TrainConfig, device: torch.device, *, resume: bool, batches, val
     peak, peak_source = peak_flops(device)
     peak = peak * world if peak else None  # MFU is against all the devices of the run
     processes = f" x {world} processes ({cfg.parallel})" if world > 1 else ""
-    print0(f"model: {num_params(model_cfg):,} parameters ({model_cfg.depth} layers, dim {model_cfg.dim}); "
+    experts = (f", {model_cfg.experts} experts, {model_cfg.experts_active} active: {num_params(model_cfg, active=True):,} "
+               "active parameters" if model_cfg.experts else "")
+    print0(f"model: {num_params(model_cfg):,} parameters ({model_cfg.depth} layers, dim {model_cfg.dim}{experts}); "
            f"{grad_accum} x {cfg.micro_batch} x {seq_len}{processes} = {cfg.batch_tokens:,} tokens per step; "
            f"{device_name(device)}{' each' if world > 1 else ''}, peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
     return _Setup(run=run, device=device, tokenizer=tokenizer, model=model, forward=forward, optimizers=optimizers,
@@ -177,6 +189,7 @@ def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
     optimizers, batches, grad_accum = setup.optimizers, setup.batches, setup.grad_accum
     step, train_time, tokens_seen, last_val = setup.step, setup.train_time, setup.tokens_seen, setup.last_val
     start_step = step
+    moe = model.config.experts > 0
     loss, session_tokens, session_time = setup.loss, 0, 0.0  # tokens/s over this session, first step left out
     bar = tqdm(total=1000, disable=not is_main(), bar_format="{l_bar}{bar}| {remaining} left{postfix}", mininterval=0.5)
     with bar:  # closed however the loop ends, so that an error's one line (a full disk) starts a line of its own
@@ -204,17 +217,23 @@ def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
             t0 = time.perf_counter()
             set_lr(optimizers, lr_multiplier(_progress(cfg, step + 1, train_time), cfg.optim))
             loss_sum = torch.zeros((), device=device)
+            router_sum = 0  # MoE: the router's terms, summed over micro-batches (Llama.router_stats)
             for micro in range(grad_accum):
                 inputs, targets = (t.to(device, non_blocking=True) for t in batches.next())
                 with grad_sync(forward, micro == grad_accum - 1):
                     with autocast(device):
                         micro_loss = forward(inputs, targets)
-                    (micro_loss / grad_accum).backward()  # ddp and fsdp average over ranks: the mean over the global batch
+                    objective = micro_loss
+                    if moe:  # the router's losses and figures, kept by the MoE blocks in this forward
+                        objective = objective + model.router_loss()
+                        router_sum = router_sum + model.router_stats()
+                    (objective / grad_accum).backward()  # ddp and fsdp average over ranks: the mean over the global batch
                 loss_sum += micro_loss.detach()
             grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
+            router = _router_metrics(all_reduce_sum(router_sum), cfg.grad_accum) if moe else {}
             loss = all_reduce_sum(loss_sum).item() / cfg.grad_accum  # waits for the device, so dt is the step's real time
             dt = agree(time.perf_counter() - t0)  # rank 0's clock: every rank must see a time budget end on the same step
 
@@ -225,9 +244,12 @@ def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
             if step % cfg.log_every == 0 and is_main():
                 log_metrics(run, {"step": step, "loss": loss, "lr": optimizers[0].param_groups[0]["lr"],
                                   "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tok_per_s": cfg.batch_tokens / dt,
-                                  "mfu": mfu, "time": train_time})
+                                  "mfu": mfu, "time": train_time, **router})
             bar.set_postfix_str(f"step {step} loss {loss:.3f} {cfg.batch_tokens / dt:,.0f} tok/s"
-                                + (f" MFU {mfu:.1%}" if mfu else ""), refresh=False)
+                                + (f" MFU {mfu:.1%}" if mfu else "")
+                                + (f" aux {router['router_aux']:.3f} z {router['router_z']:.2f} load "
+                                   f"{router['expert_load_min']:.2f}-{router['expert_load_max']:.2f}" if moe else ""),
+                                refresh=False)
     if setup.checkpoint is not None and step == start_step:  # resumed at its end: no step left to run
         print0(f"{run} already finished at step {step}: nothing to do (raise --steps or --time-budget to go on)")
     tok_per_s = session_tokens / session_time if session_time else None
@@ -235,6 +257,16 @@ def _loop(cfg: TrainConfig, setup: _Setup) -> dict:
              "mfu": tok_per_s * setup.flops_per_step / cfg.batch_tokens / setup.peak if tok_per_s and setup.peak else None}
     print0("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items() if v is not None))
     return final
+
+
+def _router_metrics(stats: torch.Tensor, micro_batches: int) -> dict:
+    """An MoE step's router figures from Llama.router_stats summed over its micro-batches (all ranks'):
+    [blocks, 2 + E]. The losses are means over blocks and micro-batches; the load is each block's tokens per
+    expert over their mean (1.0 everywhere when balanced), its extremes over blocks and experts."""
+    load = stats[:, 2:]  # [blocks, E]
+    balance = load / load.mean(dim=1, keepdim=True)
+    return {"router_aux": stats[:, 0].mean().item() / micro_batches, "router_z": stats[:, 1].mean().item() / micro_batches,
+            "expert_load_min": balance.min().item(), "expert_load_max": balance.max().item()}
 
 
 def _progress(cfg: TrainConfig, step: int, train_time: float) -> float:

@@ -1,10 +1,15 @@
 """Optimizers and learning-rate schedules.
 
 - "adamw": AdamW for every parameter (fused kernel on CUDA), weight decay on matrices and embeddings only.
-- "muon": Muon for the hidden matrices (attention wq/wk/wv/wo, MLP w1/w2/w3) and AdamW for the rest
-  (embedding, output head, norm weights), as in modded-nanogpt (KellerJordan/modded-nanogpt, train_gpt.py)
-  and nanochat (karpathy/nanochat, nanochat/muon.py). Muon is SGD with Nesterov momentum whose update is
-  replaced by the nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations.
+- "muon": Muon for the hidden matrices (attention wq/wk/wv/wo, MLP w1/w2/w3; in an MoE the router and the
+  experts' stacked w1/w2/w3) and AdamW for the rest (embedding, output head, norm weights), as in modded-nanogpt
+  (KellerJordan/modded-nanogpt, train_gpt.py) and nanochat (karpathy/nanochat, nanochat/muon.py). Muon is SGD
+  with Nesterov momentum whose update is replaced by the nearest semi-orthogonal matrix, computed with a few
+  Newton-Schulz iterations. A stacked expert weight [E, out, in] is E matrices, not one: each expert's update is
+  orthogonalized on its own, all E in one batched iteration, and scaled by its own out/in, exactly as if each
+  expert were a separate nn.Linear (orthogonalizing the [E*out, in] concatenation instead would couple the
+  experts' updates and shrink each by ~sqrt(E)). The router [E, D] is a hidden matrix like the others: under
+  AdamW's lr here (the embedding's 0.05) each of its weights would move by about its whole initial scale a step.
 
 Schedules map the run's progress (0 -> 1) to a multiplier of each group's peak LR, stored in the group as
 "peak_lr"; `set_lr` applies them.
@@ -23,23 +28,26 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """g [m, n] -> an approximation of U V^T where g = U S V^T (all singular values ~1). The iteration is
-    stable in bf16 (modded-nanogpt runs it so), which is where it is cheap."""
+    """g [m, n], or a stack [E, m, n] of E matrices each on its own, -> an approximation of U V^T where
+    g = U S V^T (all singular values ~1). The iteration is stable in bf16 (modded-nanogpt runs it so), which is
+    where it is cheap."""
     a, b, c = _NS_COEFFS
     x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix x x^T
         x = x.mT
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1, inside the iteration's basin
+    # spectral norm <= Frobenius norm <= 1, inside the iteration's basin (per matrix of a stack)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.mT  # [m, m]
+        gram = x @ x.mT  # [m, m], or [E, m, m]
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, then orthogonalized updates for 2D parameters; lr is scaled by sqrt(max(1, rows/cols))
-    so that tall and wide matrices get the same per-element update RMS (modded-nanogpt's rule)."""
+    """Momentum, then orthogonalized updates for 2D parameters (and stacks of them, [E, rows, cols], matrix by
+    matrix); lr is scaled by sqrt(max(1, rows/cols)) so that tall and wide matrices get the same per-element
+    update RMS (modded-nanogpt's rule)."""
 
     def __init__(self, params, *, lr: float, momentum: float = 0.95, weight_decay: float = 0.0,
                  ns_dtype: torch.dtype = torch.bfloat16):
@@ -59,7 +67,7 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = orthogonalize(p.grad.lerp(buf, group["momentum"]), dtype=self.ns_dtype)  # Nesterov
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
 
 def _ns_dtype(device: torch.device) -> torch.dtype:
@@ -72,7 +80,7 @@ def _ns_dtype(device: torch.device) -> torch.dtype:
 
 
 def _is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
-    return p.dim() == 2 and name.startswith("blocks.")
+    return p.dim() in (2, 3) and name.startswith("blocks.")  # 3: an MoE's stacked experts
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:

@@ -9,14 +9,13 @@ daemons run as the user running the tests. ~35 s on 2 CPU cores, 5 of them the w
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, _records
+from helpers import TINY, _free_port, _records
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "slurm-local.sh"
@@ -30,12 +29,6 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Slurm is not installed (
 # of the job ~5 s of steps it cannot finish before.
 STEPS, EVERY = 200, 10
 SETTINGS = {**TINY, "checkpoint.every": EVERY, "eval.every": STEPS, "eval.samples_every": STEPS, "eval.samples": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

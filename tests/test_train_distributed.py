@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BOUNDARY, TINY, _config, _records, _shards
+from helpers import BOUNDARY, TINY, _config, _one_thread, _records, _shards, _workers
 
 from tweetlm.artifacts.checkpoint import latest_checkpoint
 from tweetlm.cli import main
@@ -65,17 +65,12 @@ def _assert_close(a: dict[int, float], b: dict[int, float], optimizer: str = "ad
 
 @pytest.fixture(scope="module")
 def one_process(small_tokens, small_tokenizer, tmp_path_factory):
-    """The reference runs, in this process: Muon (for ddp) and AdamW (for fsdp). On 1 thread, as each rank runs:
-    2 threads on a busy 2-core machine spin-wait on each other (a 3-second run took 90)."""
+    """The reference runs, in this process: Muon (for ddp) and AdamW (for fsdp), on 1 thread as each rank runs."""
     root = tmp_path_factory.mktemp("one")
     runs = {"muon": root / "muon", "adamw": root / "adamw"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         train(_config(small_tokens, small_tokenizer, runs["muon"], **DIST))
         train(_config(small_tokens, small_tokenizer, runs["adamw"], **DIST, **ADAMW))
-    finally:
-        torch.set_num_threads(threads)
     return runs
 
 
@@ -192,18 +187,6 @@ def test_sharded_checkpoint_index_cannot_run_code(fsdp_run, tmp_path):
     with pytest.raises(UserError, match="refers to posix.mkdir, which no tweetlm checkpoint holds"):
         load_model(run)
     assert not marker.exists()
-
-
-def _workers(launcher: int) -> dict[int, int]:
-    """torchrun's worker processes, {RANK: pid}, through Linux's /proc (tweetlm runs and is tested on Linux)."""
-    workers = {}
-    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
-        try:
-            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        workers.update({int(v.removeprefix(b"RANK=")): int(child) for v in env if v.startswith(b"RANK=")})
-    return workers
 
 
 def test_killed_rank_ends_the_job_naming_it(small_tokens, small_tokenizer, tmp_path):

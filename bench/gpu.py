@@ -27,6 +27,7 @@ OUT/gpu.md (the table printed last).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,8 +90,7 @@ def train_throughput(a, tokens: Path, tokenizer: Path, name: str, matmul_tflops:
     sets = {"model.seq_len": SEQ_LEN, "micro_batch": micro, "batch_tokens": 2 * micro * SEQ_LEN, "log_every": 1,
             "eval.every": never, "eval.tokens": 8 * SEQ_LEN, "eval.samples_every": never, "eval.samples": 1,
             "checkpoint.every": never, "optim.name": "adamw", "optim.lr": 0.003}
-    if run.exists():
-        subprocess.run(["rm", "-rf", str(run)], check=True)
+    shutil.rmtree(run, ignore_errors=True)  # a previous bench's run of this preset
     _, seconds = _tweetlm("train", "--tokens", str(tokens), "--tokenizer", str(tokenizer), "--out", str(run),
                           "--preset", name, "--steps", str(a.steps), "--device", "cuda", "--parallel", "fsdp",
                           "--compile", *(f"--set={k}={v}" for k, v in sets.items()), timeout=a.timeout)
@@ -107,8 +107,7 @@ def train_throughput(a, tokens: Path, tokenizer: Path, name: str, matmul_tflops:
 
 
 def decode(run: Path, batches: list[int], new_tokens: int, bandwidths: dict) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from infer import prompts, time_ours  # bench/infer.py: the same prompts and timing as the CPU figures
+    from infer import prompts, time_ours  # bench/infer.py (on sys.path from main): the CPU figures' prompts, timing
 
     from tweetlm.infer.engine import Engine
     from tweetlm.model.sizing import num_params

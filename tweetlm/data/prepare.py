@@ -131,15 +131,20 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 def _inputs(cfg: PrepareConfig) -> tuple[list[tuple[Path, str]], list[dict]]:
     """The input files that hold posts with their format, and the skipped ones; checks the filters' files first."""
-    if cfg.lang:
-        _language_id(cfg.lang)  # an unknown code fails here, before any work
-    if cfg.drop_toxic:
-        _safety(cfg.drop_toxic, cfg.toxic_threshold)  # likewise a missing classifier
+    _check_filters(cfg)
     files, skipped = post_files(cfg.inputs)
     if not files:
         raise UserError(f"none of the {len(skipped)} input files holds posts ({skipped[0]['file']}: {skipped[0]['why']}); "
                         "see `tweetlm data prepare --help` for the formats")
     return files, skipped
+
+
+def _check_filters(cfg: PrepareConfig) -> None:
+    """An unknown language code or a missing classifier fails here, before any work."""
+    if cfg.lang:
+        _language_id(cfg.lang)
+    if cfg.drop_toxic:
+        _safety(cfg.drop_toxic, cfg.toxic_threshold)
 
 
 def _claim(out: Path) -> None:

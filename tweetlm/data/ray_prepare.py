@@ -57,6 +57,7 @@ from tweetlm.data.dedup import text_hash
 from tweetlm.data.prepare import (
     _TMP,
     PrepareConfig,
+    _check_filters,
     _claim,
     _inputs,
     _prepare_file,
@@ -66,7 +67,7 @@ from tweetlm.data.prepare import (
     _write_rows,
 )
 from tweetlm.data.ray_cluster import cluster_cpus, ray_session
-from tweetlm.data.readers import NON_POST, detect
+from tweetlm.data.readers import NON_POST, detect, post_files
 from tweetlm.errors import UserError
 
 _EXACT = -1  # the band of a text hash in the dedup shuffle
@@ -280,19 +281,16 @@ def _input_files(cfg: PrepareConfig) -> tuple[list[tuple[str, str | None]], list
     if not urls:
         files, skipped = _inputs(cfg)
         return [(str(path), fmt) for path, fmt in files], skipped
+    _check_filters(cfg)
     files, skipped = [], []
     for arg in cfg.inputs:
         if "://" in arg:
             files += [(url, None) for url in _list_url(arg)]
         else:
-            found, others = _inputs(PrepareConfig(**{**_fields(cfg), "inputs": (arg,)}))
+            found, others = post_files((arg,))
             files += [(str(path), fmt) for path, fmt in found]
             skipped += others
     return list(dict.fromkeys(files)), skipped
-
-
-def _fields(cfg: PrepareConfig) -> dict:
-    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
 
 
 def _list_url(url: str) -> list[str]:

@@ -22,6 +22,8 @@ from tweetlm.model.sizing import config_from_depth, preset
 
 POSTS = (DATA / "tweeteval" / "emotion" / "train_text.txt").read_text(encoding="utf-8").splitlines()[:200]
 
+MOE = dict(experts=4, experts_active=2, expert_dim=48)  # a mixture of experts' shape of the tiny model
+
 
 def _tiny(cfg) -> Llama:
     """Random init: the engine's mechanics do not need a trained model. The <|endoftext|> row (id 0) is
@@ -98,9 +100,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tokeni
         assert short.completion_tokens == 4
 
 
-def test_batch_invariance_alone_and_beside_31_others(model, tokenizer):
+@pytest.mark.parametrize("moe", [False, True])
+def test_batch_invariance_alone_and_beside_31_others(model, tokenizer, moe):
     """Greedy and seeded requests give the same tokens and logprobs, to the bit, alone or in a full batch
-    of 32 whose members have other prompts (one longer than a prefill chunk), lengths and parameters."""
+    of 32 whose members have other prompts (one longer than a prefill chunk), lengths and parameters. A mixture
+    of experts too: there a token's expert multiplies it among whichever other tokens picked that expert."""
+    if moe:
+        model = _tiny(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=2048, **MOE))
     long_prompt = _prompt(tokenizer, *POSTS[:40])[:PREFILL_CHUNK + 60]  # prefilled in 2 chunks
     targets = [(long_prompt, SamplingParams(max_tokens=30, temperature=0, logprobs=5)),
                (_prompt(tokenizer, POSTS[2]), SamplingParams(max_tokens=30, temperature=1.0, top_k=40, top_p=0.9, seed=7,
@@ -280,7 +286,8 @@ def test_scoring_the_prompt_changes_no_generated_token(model, tokenizer):
     assert scored.tokens == plain.tokens
 
 
-@pytest.mark.parametrize("overrides", [dict(qk_norm=True, tie_embeddings=False), dict(n_kv_heads=1)])
+@pytest.mark.parametrize("overrides", [dict(qk_norm=True, tie_embeddings=False), dict(n_kv_heads=1), MOE,
+                                       dict(MOE, shared_experts=1, qk_norm=True)])
 def test_engine_decoding_equals_full_recomputation(tokenizer, overrides):
     """The engine's forward (fused, packed, cached) against Llama.forward over the whole sequence, on the
     architecture's options; the default shape is tested by the other tests and test_model_llama.py."""
@@ -366,7 +373,7 @@ def test_generate_shows_every_sample_even_one_that_ends_at_once(model, tokenizer
     assert out.startswith("[1] Hello") and 0 < out.index("\n[2] Hello") < out.index("\n[3] Hello") and empty not in out
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(qk_norm=True, n_kv_heads=1)])
+@pytest.mark.parametrize("overrides", [{}, dict(qk_norm=True, n_kv_heads=1), MOE])
 def test_padded_decode_step_of_cuda_graphs_equals_the_forward(tokenizer, overrides):
     """Runner.decode, the step the engine captures as CUDA graphs on a GPU, run eagerly here: 3 rows of different
     lengths padded to 4 (the padding row writes the padding slot only) and keys to 64, against the row-by-row forward."""

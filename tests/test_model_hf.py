@@ -22,7 +22,7 @@ from tweetlm.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 64
-ATOL = 1e-4  # fp32, max abs difference of logits
+ATOL = 1e-5  # fp32, max abs difference of logits (issue 15 asks an MoE export for 1e-5)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -66,12 +66,15 @@ def _make_run(run: Path, tokenizer: Tokenizer, **shape) -> Llama:
 # ---------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("shape", [
-    {"tie_embeddings": True},  # GQA: 4 query heads share 2 kv heads
-    {"tie_embeddings": False, "n_kv_heads": 4},
-    {"tie_embeddings": True, "qk_norm": True},  # goes out as Qwen 3
-], ids=["tied-gqa", "untied-mha", "qk_norm"])
-def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokenizer, tmp_path, shape, monkeypatch, capsys):
+@pytest.mark.parametrize("shape, architecture", [
+    ({"tie_embeddings": True}, "LlamaForCausalLM"),  # GQA: 4 query heads share 2 kv heads
+    ({"tie_embeddings": False, "n_kv_heads": 4}, "LlamaForCausalLM"),
+    ({"tie_embeddings": True, "qk_norm": True}, "Qwen3ForCausalLM"),
+    ({"tie_embeddings": False, "experts": 4, "experts_active": 2}, "MixtralForCausalLM"),  # experts of ffn_dim
+    ({"tie_embeddings": True, "experts": 6, "experts_active": 3, "expert_dim": 48, "qk_norm": True}, "Qwen3MoeForCausalLM"),
+], ids=["tied-gqa", "untied-mha", "qk_norm", "moe", "moe-qk_norm"])
+def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokenizer, tmp_path, shape, architecture,
+                                                                   monkeypatch, capsys):
     tokenizer = Tokenizer.load(small_tokenizer)
     ours = _make_run(tmp_path / "run", tokenizer, **shape)
     export_hf(tmp_path / "run", tmp_path / "hf")
@@ -80,7 +83,7 @@ def test_export_gives_same_logits_in_transformers_and_imports_back(small_tokeniz
     hf_model, hf_logits = _hf_logits(tmp_path / "hf", ids)
     with torch.no_grad():
         logits = ours(ids)
-    assert type(hf_model).__name__ == ("Qwen3ForCausalLM" if shape.get("qk_norm") else "LlamaForCausalLM")
+    assert type(hf_model).__name__ == architecture
     assert logits.std() > 0.5
     assert (hf_logits - logits).abs().max() <= ATOL
 
@@ -126,29 +129,35 @@ def test_export_bfloat16_from_the_cli(small_tokenizer, tmp_path):
 # ---------------------------------------------------------------- import
 
 
-def _hf_checkpoint(folder: Path, tokenizer_json: str, *, vocab_size: int, tie: bool, seed: int = 1) -> torch.nn.Module:
-    """A transformers LlamaForCausalLM with random weights, saved with save_pretrained beside a tokenizer.json."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _hf_checkpoint(folder: Path, tokenizer_json: str, *, vocab_size: int, tie: bool, seed: int = 1,
+                   experts: int = 0) -> torch.nn.Module:
+    """A transformers LlamaForCausalLM (with experts: MixtralForCausalLM, 2 active) with random weights, saved with
+    save_pretrained beside a tokenizer.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, rms_norm_eps=1e-5,
-                         rope_theta=500_000.0, tie_word_embeddings=tie)
-    model = LlamaForCausalLM(config)
+    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=SEQ, rms_norm_eps=1e-5, rope_theta=500_000.0,
+                 tie_word_embeddings=tie)
+    if experts:
+        model = MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=experts, num_experts_per_tok=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
     _randomize(model, seed)
     model.save_pretrained(folder)
     (folder / "tokenizer.json").write_text(tokenizer_json)
     return model.eval()
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_import_of_a_transformers_llama_reproduces_its_logits(small_tokenizer, tmp_path, tie):
+@pytest.mark.parametrize("tie, experts", [(True, 0), (False, 0), (False, 4)], ids=["tied", "untied", "mixtral"])
+def test_import_of_a_transformers_llama_reproduces_its_logits(small_tokenizer, tmp_path, tie, experts):
     tokenizer = Tokenizer.load(small_tokenizer)
-    hf = _hf_checkpoint(tmp_path / "hf", (small_tokenizer / "tokenizer.json").read_text(), vocab_size=tokenizer.vocab_size, tie=tie)
+    hf = _hf_checkpoint(tmp_path / "hf", (small_tokenizer / "tokenizer.json").read_text(), vocab_size=tokenizer.vocab_size,
+                        tie=tie, experts=experts)
     import_hf(tmp_path / "hf", tmp_path / "run")
     model, loaded = load_model(tmp_path / "run")
     cfg = model.config
-    assert (cfg.depth, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == \
-           (2, 64, 4, 2, 160, 500_000.0, 1e-5, tie)
+    assert (cfg.depth, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings,
+            cfg.experts, cfg.experts_active) == (2, 64, 4, 2, 160, 500_000.0, 1e-5, tie, experts, 2)
     assert loaded.hash == tokenizer.hash and not json.loads((tmp_path / "run" / "import.json").read_text())["added_special_tokens"]
     ids = _batch(tokenizer)
     with torch.no_grad():
@@ -185,6 +194,23 @@ def test_import_appends_missing_special_tokens_to_a_foreign_tokenizer(tmp_path, 
             expected = torch.cat([theirs, mean.expand(model.config.vocab_size - rows, -1)])
             expected[n : n + 5] = mean
             assert torch.allclose(ours, expected)
+
+
+def test_moe_shapes_without_a_transformers_equivalent_are_refused(small_tokenizer, tmp_path):
+    """Shared experts do not export; a Qwen 3 MoE folder routing otherwise than ours does not import."""
+    tokenizer = Tokenizer.load(small_tokenizer)
+    _make_run(tmp_path / "shared", tokenizer, experts=4, experts_active=2, shared_experts=1)
+    with pytest.raises(UserError, match="shared expert"):
+        export_hf(tmp_path / "shared", tmp_path / "out")
+    _make_run(tmp_path / "run", tokenizer, experts=4, experts_active=2, qk_norm=True)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    for changes, match in (({"norm_topk_prob": False}, "norm_topk_prob"), ({"mlp_only_layers": [1]}, "mlp_only_layers"),
+                           ({"num_experts": 8}, "experts.4.gate_proj.weight")):
+        src = tmp_path / f"hf-{next(iter(changes))}"
+        shutil.copytree(tmp_path / "hf", src)
+        _edit_config(src, **changes)
+        with pytest.raises(UserError, match=match):
+            import_hf(src, tmp_path / "back")
 
 
 def _edit_config(folder: Path, **changes) -> None:

@@ -1,6 +1,6 @@
 """Mixture of experts: the MoE block against a naive per-token loop, its router losses, its init, exact sizes; a tiny
 MoE run on real posts through `tweetlm train --set model.experts=4`, resumed, under 2-process FSDP, fine-tuned (SFT,
-TweetEval); and the engine and the export refusing it until part 2 of issue 15."""
+TweetEval); decoded by the engine and exported to transformers' Mixtral."""
 
 import contextlib
 import io
@@ -22,7 +22,7 @@ from tweetlm.cli import main
 from tweetlm.errors import ConfigError, UserError
 from tweetlm.eval.finetune import finetune
 from tweetlm.eval.tweeteval import load_task
-from tweetlm.infer.engine import Engine
+from tweetlm.infer.engine import Engine, SamplingParams
 from tweetlm.model.hf import export_hf
 from tweetlm.model.llama import MLP, Llama, ModelConfig, MoE
 from tweetlm.model.sizing import config_from_depth, flops_per_token, num_params, preset
@@ -322,10 +322,26 @@ def test_sft_and_tweeteval_fine_tuning_accept_an_moe_run(moe_run, tokenizer, tmp
     assert pred.shape == (16,) and set(np.unique(pred)) <= {0, 1}
 
 
-def test_engine_and_export_refuse_an_moe_run_until_part_2(moe_run, tmp_path):
+def test_a_trained_moe_run_generates_and_exports_to_transformers(moe_run, tmp_path, capsys):
+    """The engine scores real posts with a trained MoE run as the model's forward does, and transformers computes
+    its logits from the exported Mixtral folder (random-init shapes, decoding: test_infer_engine.py, test_model_hf.py)."""
+    from transformers import AutoModelForCausalLM
+
     run = moe_run[0]
     model, tokenizer = load_model(run)
-    with pytest.raises(UserError, match="MoE decoding lands with issue 15, part 2"):
-        Engine(model, tokenizer)
-    with pytest.raises(UserError, match="Mixtral layout lands with issue 15, part 2"):
-        export_hf(run, tmp_path / "hf")
+    prompt = [t for post in _real_posts()[:20] for t in (tokenizer.boundary_id, *tokenizer.encode(post))][:63]
+    with Engine(model, tokenizer) as engine:
+        scored = engine.submit(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))
+        list(scored)
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0].log_softmax(-1)  # row t predicts token t + 1
+    assert [lp.logprob for lp in scored.prompt_logprobs[1:]] == pytest.approx(
+        full[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist(), abs=1e-4)
+    assert main(["generate", str(run), "--prompt", "good morning", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("good morning")
+
+    export_hf(run, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        assert type(hf).__name__ == "MixtralForCausalLM" and (hf(ids).logits - model(ids)).abs().max() <= 1e-5

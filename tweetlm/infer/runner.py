@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from tweetlm.device import inference_dtype
-from tweetlm.errors import UserError
 from tweetlm.infer.kv_cache import Batch, KVCache
-from tweetlm.model.llama import Llama
+from tweetlm.model.llama import Llama, MoE, mixture
 
 
 class Runner:
@@ -36,10 +35,6 @@ class Runner:
 
     def __init__(self, model: Llama, *, dtype: torch.dtype | None = None):
         self.config = cfg = model.config
-        if cfg.experts:
-            raise UserError(f"this model is a mixture of experts ({cfg.experts} experts, {cfg.experts_active} active): MoE "
-                            "decoding lands with issue 15, part 2; until then `tweetlm eval bpb` and `eval tweeteval` "
-                            "read it, and its training samples are in RUN/samples.txt")
         weight = model.embed.weight
         self.device = weight.device
         self.dtype = inference_dtype(self.device) if dtype is None else dtype
@@ -55,19 +50,27 @@ class Runner:
                 "k_norm": self._vector(a.k_norm.weight) if cfg.qk_norm else None,
                 "wo": self._matrix(a.wo.weight),
                 "mlp_norm": self._vector(block.mlp_norm.weight),
-                "w13": self._matrix(torch.cat([m.w1.weight, m.w3.weight])),
-                "w2": self._matrix(m.w2.weight),
+                **(self._experts(m) if cfg.experts else {"mlp": self._swiglu_weights(m.w1.weight, m.w3.weight, m.w2.weight)}),
             })
         self.norm = self._vector(model.norm.weight)
         self.head = self._matrix(weight if model.output is None else model.output.weight)
         self._graphs = {}  # (rows, keys) -> (static inputs, CUDA graph, its logits): decode's captured steps
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
+    def _swiglu_weights(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._matrix(torch.cat([w1, w3])), self._matrix(w2)  # gate | up, down
+
+    def _experts(self, moe: MoE) -> dict:
+        """An MoE block's weights: the router (kept in fp32, as the model routes), each expert's pair, the shared MLP's."""
+        return {"router": self._matrix(moe.router.weight, torch.float32),
+                "experts": [self._swiglu_weights(*w) for w in zip(moe.w1, moe.w3, moe.w2)],
+                "shared": self._swiglu_weights(moe.shared.w1.weight, moe.shared.w3.weight, moe.shared.w2.weight) if moe.shared else None}
+
     def _vector(self, w: torch.Tensor) -> torch.Tensor:
         return w.detach().to(self.dtype)
 
-    def _matrix(self, w: torch.Tensor) -> torch.Tensor:
-        w = w.detach().to(self.dtype).contiguous()
+    def _matrix(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = w.detach().to(dtype or self.dtype).contiguous()
         # the batch-size hint only picks the packed layout: every M gives the same bits with any of 2, 8, 32;
         # 32 was fastest at M = 1 and 8 (0.34 and 0.45 ms for the small preset's 17 matrices, hot caches)
         return torch.ops.mkldnn._reorder_linear_weight(w, 32) if self._packed else w
@@ -99,7 +102,7 @@ class Runner:
         L = min(cache.k.shape[3], max(64, 1 << max(positions).bit_length()))  # keys 0..max position, rounded up
         pad = B - rows
         inputs = torch.tensor([tokens + [0] * pad, slots + [cache.k.shape[1] - 1] * pad, positions + [0] * pad])
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.config.experts:  # an MoE's expert groups are sized on the host
             return self._decode(*inputs, cache, L)[:rows]
         if (B, L) not in self._graphs:
             self._graphs[B, L] = self._capture(inputs, cache, L)
@@ -146,9 +149,21 @@ class Runner:
             qk = (qk * cos + qk.roll(Hd // 2, -1) * sin).to(qk.dtype)  # rotary in fp32, as the model
             q, k = qk.split((H, K), dim=1)  # [N, H, Hd], [N, K, Hd]
             x += self._linear(attend(i, q, k, v), layer["wo"])
-            gate, up = self._linear(F.rms_norm(x, (cfg.dim,), layer["mlp_norm"], eps), layer["w13"]).chunk(2, dim=-1)
-            x += self._linear(gate / (1 + torch.exp(-gate)) * up, layer["w2"])  # SiLU(gate) * up
+            x += self._mlp(F.rms_norm(x, (cfg.dim,), layer["mlp_norm"], eps), layer)
         return x
+
+    def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
+        """The block's MLP on x [N, D]: the SwiGLU, or the mixture of experts (model/llama.py's routing, each expert's
+        tokens multiplied together: a token's numbers do not depend on which others share its expert, see above)."""
+        if "router" not in layer:
+            return self._swiglu(x, *layer["mlp"])
+        logits = self._linear(x.float(), layer["router"])  # [N, E] fp32
+        out, _, _ = mixture(x, logits, self.config.experts_active, lambda e, rows: self._swiglu(rows, *layer["experts"][e]))
+        return out if layer["shared"] is None else out + self._swiglu(x, *layer["shared"])
+
+    def _swiglu(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        gate, up = self._linear(x, w13).chunk(2, dim=-1)
+        return self._linear(gate / (1 + torch.exp(-gate)) * up, w2)  # SiLU(gate) * up
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x, (self.config.dim,), self.norm, self.config.norm_eps)

@@ -175,34 +175,42 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        E, k = self.w1.shape[0], self.k
         x = x.reshape(B * T, D)  # [N, D]
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())  # [N, E] fp32
-        probs = logits.softmax(dim=-1)  # [N, E]
-        weights, chosen = probs.topk(k, dim=-1)  # [N, k] each
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # [N, k], rows sum to 1
 
-        # Dropless dispatch: pair i = (token i // k, its (i % k)-th expert), sorted by expert, token order kept within.
-        pairs = chosen.flatten()  # [N*k]
-        order = pairs.argsort(stable=True)  # [N*k]
-        load = torch.bincount(pairs, minlength=E)  # [E] tokens per expert
-        grouped = x[order // k]  # [N*k, D], expert 0's tokens first
-        outputs = []
-        for e, rows in enumerate(grouped.split(load.tolist())):  # rows [n_e, D]
-            hidden = F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e])  # [n_e, F]
-            outputs.append(F.linear(hidden, self.w2[e]))  # [n_e, D]
-        y = torch.cat(outputs)[order.argsort()].view(B * T, k, D)  # [N, k, D], back in token order
-        out = (y * weights[..., None]).sum(dim=1).to(x.dtype)  # [N, D]
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:  # rows [n_e, D] -> [n_e, D]
+            return F.linear(F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e]), self.w2[e])
+
+        out, probs, load = mixture(x, logits, self.k, expert)
         if self.shared is not None:
             out = out + self.shared(x)
-
         if self.training:
-            fraction = load / (B * T * k)  # [E] f_e, sums to 1
+            E = logits.shape[1]
+            fraction = load / (B * T * self.k)  # [E] f_e, sums to 1
             self.aux_loss = E * (fraction * probs.mean(dim=0)).sum()
             self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
             self.load = load
         return out.view(B, T, D)
+
+
+def mixture(x: torch.Tensor, logits: torch.Tensor, k: int, expert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route tokens x [N, D] by router logits [N, E] (fp32) to their top k experts and mix the outputs: Mixtral's
+    routing and the dropless dispatch of MoE's docstring. expert(e, rows [n_e, D]) -> [n_e, D] runs expert e on the
+    tokens routed to it (model/llama.py's MoE and infer/runner.py's decoding each multiply in their own way).
+    -> the mixed output [N, D] in x's dtype, the router probabilities [N, E], tokens per expert [E]."""
+    N, D = x.shape
+    probs = logits.softmax(dim=-1)  # [N, E]
+    weights, chosen = probs.topk(k, dim=-1)  # [N, k] each
+    weights = weights / weights.sum(dim=-1, keepdim=True)  # [N, k], rows sum to 1
+    # pair i = (token i // k, its (i % k)-th expert), sorted by expert, token order kept within
+    pairs = chosen.flatten()  # [N*k]
+    order = pairs.argsort(stable=True)  # [N*k]
+    load = torch.bincount(pairs, minlength=logits.shape[1])  # [E] tokens per expert
+    grouped = x[order // k]  # [N*k, D], expert 0's tokens first
+    outputs = [expert(e, rows) for e, rows in enumerate(grouped.split(load.tolist())) if len(rows)]
+    y = torch.cat(outputs)[order.argsort()].view(N, k, D)  # [N, k, D], back in token order
+    return (y * weights[..., None]).sum(dim=1).to(x.dtype), probs, load
 
 
 class Block(nn.Module):

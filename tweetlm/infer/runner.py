@@ -18,6 +18,11 @@ What differs from Llama.forward, and why (measured on the small preset, 2-core C
   20,000 values), and which loop a value meets depends on where a multi-threaded kernel splits the tensor,
   i.e. on the batch (a hazard; no test caught it here). exp, division and the other elementwise ops used
   here agree bitwise in both loops (200,000 values).
+- A mixture of experts routes as the model does (llama.mixture: the same fp32 router logits, softmax, top k); each
+  expert multiplies the group of tokens routed to it with its packed matrices, and since the packed product gives
+  a row the same bits at any M, a token's output does not depend on which tokens share its experts: batch
+  invariance holds as for the dense model (tests/test_infer_engine.py). The groups' sizes are read on the host
+  (one sync per block), which a CUDA graph cannot hold: on CUDA an MoE's decode steps run eagerly.
 - Only each row's last token goes through the output head (a 256-token prompt chunk needs one row of logits),
   unless the prompt is being scored (SamplingParams.prompt_logprobs).
 """
@@ -153,8 +158,7 @@ class Runner:
         return x
 
     def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
-        """The block's MLP on x [N, D]: the SwiGLU, or the mixture of experts (model/llama.py's routing, each expert's
-        tokens multiplied together: a token's numbers do not depend on which others share its expert, see above)."""
+        """The block's MLP on x [N, D]: the SwiGLU, or the mixture of experts (see the module docstring)."""
         if "router" not in layer:
             return self._swiglu(x, *layer["mlp"])
         logits = self._linear(x.float(), layer["router"])  # [N, E] fp32

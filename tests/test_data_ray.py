@@ -151,7 +151,8 @@ def test_file_urls_in_and_out(cluster, tmp_path, capsys):
 
 
 def test_cli_ray_flag_and_its_errors(cluster, small_tokenizer, tmp_path, capsys):
-    """--ray ADDRESS from the command line; a missing input or an unreachable address is one line and exit 2."""
+    """--ray ADDRESS from the command line; a missing input, an unreachable address or a URL without --ray is one
+    line and exit 2."""
     out = tmp_path / "c"
     assert main(["data", "prepare", str(V2 / "kpop.jsonl"), "--out", str(out), "--ray", cluster]) == 0
     assert json.loads((out / "report.json").read_text())["config"]["ray"] == cluster
@@ -160,7 +161,9 @@ def test_cli_ray_flag_and_its_errors(cluster, small_tokenizer, tmp_path, capsys)
                  ["data", "prepare", str(V2 / "kpop.jsonl"), "--out", str(tmp_path / "d"), "--ray", "127.0.0.1:1"],
                  ["data", "prepare", str(V2 / "kpop.jsonl"), "--out", str(tmp_path / "d"), "--ray", "ray://127.0.0.1:1"],
                  ["data", "tokenize", str(out), "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "t"),
-                  "--ray", "nowhere"]):
+                  "--ray", "nowhere"],
+                 ["data", "prepare", "s3://bucket/posts", "--out", str(tmp_path / "d")],
+                 ["data", "prepare", str(V2 / "kpop.jsonl"), "--out", "s3://bucket/corpus"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("tweetlm: error: ") and len(err.strip().splitlines()) == 1, err

@@ -93,7 +93,10 @@ def test_bad_files_are_one_clear_error(tmp_path):
     for fields, says in (({"split": "dev"}, "choose val or test"), ({"tasks": ("irony", "sarcasm")}, "unknown sarcasm"),
                          ({"model": None}, "a RUN folder or --model tfidf"), ({"run": Path("r")}, "not both"),
                          ({"max_train_examples": 0}, "at least 1"), ({"epochs": 0}, "epochs = 0: must be at least 1"),
-                         ({"batch_size": 0}, "must be at least 1"), ({"lr": 0.0}, "lr = 0.0: must be positive")):
+                         ({"batch_size": 0}, "must be at least 1"), ({"lr": 0.0}, "lr = 0.0: must be positive"),
+                         ({"pooling": "max"}, "choose last or mean"), ({"layer_decay": 0.0}, r"must be in \(0, 1\]"),
+                         ({"layer_decay": 1.5}, r"must be in \(0, 1\]"), ({"tapt_steps": -1}, "at least 0"),
+                         ({"save": tmp_path / "kept"}, "keeps a fine-tuned run's classifiers: give a RUN")):
         with pytest.raises(UserError, match=says):
             TweetEvalConfig(**({"data": data, "out": tmp_path, "model": "tfidf"} | fields))
 
@@ -104,9 +107,11 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", "tweeteval", str(tmp_path / "nothing"), "--data", str(DATA)]) == 2
     assert main(["eval", "tweeteval", "--model", "tfidf", "--data", str(tmp_path)]) == 2
     assert main(["eval", "tweeteval", "--model", "tfidf", "--data", str(DATA), "--epochs", "0"]) == 2
+    assert main(["eval", "tweeteval", "--model", "tfidf", "--data", str(DATA), "--pooling", "max"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and "holds no checkpoint" in err[0] and "no emoji/ in" in err[1], err
+    assert len(err) == 4 and "holds no checkpoint" in err[0] and "no emoji/ in" in err[1], err
     assert "--epochs 0: must be at least 1" in err[2]  # the library names the field, the CLI its flag
+    assert "--pooling 'max': choose last or mean" in err[3]
 
 
 # ---------------------------------------------------------------- predictions, scores, table

@@ -180,8 +180,11 @@ def _add_data(sub):
     p = _verb(dsub, "prepare", "read raw posts (any supported format), clean, filter, dedup and split them into a Parquet corpus",
               "tweetlm data prepare ../shared/data/twitter-api-v2 'dumps/*.jsonl.zst' --out work/corpus --workers 2",
               _data_prepare, "tweetlm.data.prepare.PrepareConfig")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (plain, .gz, .zst, .bz2)")
-    p.add_argument("--out", type=Path, required=True, metavar="CORPUS", help="output folder for Parquet shards and report.json")
+    # URLs stay strings (a Path would fold s3://b/x into s3:/b/x): PrepareConfig refuses them without --ray.
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (plain, .gz, .zst, .bz2); "
+                   "with --ray also URLs (s3://, gs://, file://)")
+    p.add_argument("--out", required=True, metavar="CORPUS", help="output folder for Parquet shards and report.json; "
+                   "with --ray also a URL")
     p.add_argument("--workers", type=int, help="processes, work split by file")
     p.add_argument("--lang", metavar="CODES", help="keep only these languages (py3langid), e.g. en,fr; default keeps all")
     p.add_argument("--min-chars", type=int, help="drop posts shorter than this after normalization")
@@ -352,6 +355,34 @@ def _eval_bpb(a):
     bpb(_config(BpbConfig, a))
 
 
+def _classify(a):
+    import json
+
+    from tweetlm.eval.classify import classify
+
+    texts = []
+    for text in a.texts:
+        texts += [line for line in sys.stdin.read().splitlines() if line.strip()] if text == "-" else [text]
+    for row in classify(a.dir, a.task, texts, **_keywords(classify, a)):
+        print(json.dumps(row, ensure_ascii=False))
+
+
+def _add_classify(sub):
+    p = _verb(sub, "classify", "label posts with a classifier kept by `eval tweeteval RUN --save DIR`: one JSON line "
+              "per post (text, label, probabilities)",
+              "tweetlm classify work/classifiers --task irony 'Love waiting an hour for the bus in the rain'\n"
+              "  tweetlm classify work/classifiers --task stance/climate - < posts.txt", _classify,
+              "tweetlm.eval.classify.classify")
+    p.add_argument("dir", type=Path, metavar="DIR", help="a folder written by `tweetlm eval tweeteval RUN --save DIR`")
+    # "+" and "-" for stdin, not "*" and stdin when no TEXT: argparse gives a "*" positional nothing when an option
+    # follows DIR, then refuses the TEXTs after it (`classify DIR --task irony TEXT`)
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="a post to label; - reads posts from stdin, one per line "
+                   "(blank lines skipped)")
+    p.add_argument("--task", required=True, help="a task saved there: emoji, emotion, hate, irony, offensive, or "
+                   "stance/TARGET (stance/abortion, ...)")
+    _add_device(p)
+
+
 def _safety_spec(spec: str) -> tuple[Path, float | None]:
     from tweetlm.artifacts.safety import parse_spec
 
@@ -386,6 +417,14 @@ def _add_eval(sub):
     p.add_argument("--epochs", type=int, help="fine-tuning epochs per task; val picks the best")
     p.add_argument("--lr", type=float, help="fine-tuning peak learning rate, AdamW")
     p.add_argument("--batch-size", type=int, help="fine-tuning posts per step")
+    p.add_argument("--pooling", metavar="last|mean", help="what the head reads: the post's last token's final state, "
+                   "or their mean over the post's tokens")
+    p.add_argument("--layer-decay", type=float, metavar="F", help="layer-wise LR decay: the head and the last block "
+                   "at --lr, each block below at F times the one above, the embedding lowest; 1 is one LR for all")
+    p.add_argument("--tapt-steps", type=int, metavar="N", help="task-adaptive pretraining: N next-token steps of the "
+                   "run on each task's train texts before fine-tuning it")
+    p.add_argument("--save", type=Path, metavar="DIR", help="keep each task's fine-tuned classifier (the epoch chosen "
+                   "on val) in DIR, for `tweetlm classify DIR`")
     _add_device(p)
 
     p = _verb(esub, "bpb", "bits per UTF-8 byte of a run on a text file (one post per line) or a corpus split",
@@ -736,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sft(sub)
     _add_eval(sub)
+    _add_classify(sub)
     _add_safety(sub)
     _add_model(sub)
     _add_generate(sub)

@@ -58,8 +58,8 @@ _post_values = operator.attrgetter(*POST_FIELDS)
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
-    inputs: tuple[str, ...]  # files, folders (read recursively, hidden files skipped) or globs
-    out: Path
+    inputs: tuple[str, ...]  # files, folders (read recursively, hidden files skipped) or globs; URLs with `ray`
+    out: Path | str  # a folder; with `ray` also a URL (s3://, gs://, file://: ray_prepare.py)
     workers: int = 1
     lang: tuple[str, ...] = ()  # keep only these py3langid codes; () keeps all and skips language id
     min_chars: int = 10  # of the normalized text
@@ -83,6 +83,10 @@ class PrepareConfig:
     def __post_init__(self):
         ratios = (self.val_ratio, self.test_ratio)
         check(bool(self.inputs), "inputs", self.inputs, "give at least one file, folder or glob")
+        for field, values in (("inputs", self.inputs), ("out", (self.out,))):  # the local path reads local files only
+            urls = [str(v) for v in values if "://" in str(v)]
+            check(self.ray is not None or not urls, field, urls[0] if urls else None,
+                  "a URL needs --ray (or give a local path)")
         check(self.workers >= 1, "workers", self.workers, "must be at least 1")
         check(self.min_chars >= 0, "min_chars", self.min_chars, "must be at least 0")
         check(self.max_chars >= max(1, self.min_chars), "max_chars", self.max_chars, "must be at least 1 and at least min_chars")

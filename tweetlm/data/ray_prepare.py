@@ -39,7 +39,6 @@ Memory: a file's survivors are one object in the store (Ray spills it to disk pa
 shuffle holds 18 bytes per post and band, ~180 bytes per post with near dedup's 9 bands.
 """
 
-import re
 import shutil
 import tempfile
 import time
@@ -76,7 +75,7 @@ _EXACT = -1  # the band of a text hash in the dedup shuffle
 def prepare_on_ray(cfg: PrepareConfig) -> dict:
     """prepare.prepare(cfg) on the Ray cluster at cfg.ray: the same shards' rows, splits and report counts."""
     start = time.perf_counter()
-    out = _out_url(cfg.out) or str(Path(cfg.out).absolute())  # the tasks' folder may be another
+    out = str(cfg.out) if "://" in str(cfg.out) else str(Path(cfg.out).absolute())  # the tasks' folder may be another
     files, skipped = _input_files(cfg)
     with ray_session(cfg.ray) as ray:
         _claim_url(out) if "://" in out else _claim(Path(out))
@@ -311,15 +310,6 @@ def _list_url(url: str) -> list[str]:
     if not names:
         raise UserError(f"{url}: no files there; check the URL")
     return [f"{scheme}://{name}" for name in names]
-
-
-def _out_url(out: Path | str) -> str | None:
-    """--out as a URL, or None for a local path. argparse's Path folds "s3://b/x" to "s3:/b/x": unfold it."""
-    match = re.fullmatch(r"([a-z][a-z0-9+.-]+):/+(.*)", str(out))
-    if not match:
-        return None
-    scheme, rest = match.groups()
-    return f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
 
 
 def _write_url(url: str, text: str) -> None:

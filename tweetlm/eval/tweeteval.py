@@ -2,6 +2,7 @@
 
     tweetlm eval tweeteval work/demo/run --data ../shared/data/tweeteval --split val   # a run, fine-tuned per task
     tweetlm eval tweeteval --model tfidf --data ../shared/data/tweeteval --split val   # the floor alone
+    tweetlm eval tweeteval work/demo/run --data ../shared/data/tweeteval --save work/classifiers  # kept, for classify
 
 DATA is laid out as TweetEval's own `datasets/` folder: TASK/{split}_text.txt (one tweet per line),
 TASK/{split}_labels.txt (one label id per line), TASK/mapping.txt (id, tab, name); stance has one such folder
@@ -17,7 +18,9 @@ tqdm bar: set its total, update it). A run is fine-tuned with a classification h
 its row named after its folder, and the floor is trained beside it in the same table: `tfidf_baseline`, TF-IDF
 n-grams + logistic regression (logistic.py), its C chosen on val by the task's official metric. When the split
 asked is val, both are scored on the split they were tuned on (the run's epoch, the floor's C), so their val
-scores are a little optimistic.
+scores are a little optimistic. With `--save DIR` each task's fine-tuned classifier (the state chosen on val) is
+kept in DIR/TASK/ and DIR/stance/TARGET/ beside the run's tokenizer, and `tweetlm classify DIR --task TASK` labels
+posts with it (finetune.py's save_classifier, classify.py).
 """
 
 import json
@@ -35,6 +38,7 @@ from tweetlm.eval.metrics import irony_f1, macro_f1, stance_f1
 TASKS = ("emoji", "emotion", "hate", "irony", "offensive", "stance")
 STANCE_TARGETS = ("abortion", "atheism", "climate", "feminist", "hillary")
 SPLITS = ("val", "test")
+POOLINGS = ("last", "mean")  # what a fine-tuned run's head reads (finetune.py)
 METRICS = {"emoji": macro_f1, "emotion": macro_f1, "hate": macro_f1, "irony": irony_f1, "offensive": macro_f1,
            "stance": stance_f1}
 
@@ -92,10 +96,15 @@ class TweetEvalConfig:
     model: str | None = None  # "tfidf": the floor baseline alone
     max_train_examples: int | None = None  # a seeded sample of each train split, for quick runs
     seed: int = 0
-    # fine-tuning a run (finetune.py, whose docstring has the val figures these defaults were chosen by)
+    # fine-tuning a run (finetune.py, whose docstring has the val figures these defaults were chosen by, and why
+    # each option is there)
     epochs: int = 6
     lr: float = 1e-3
     batch_size: int = 32
+    pooling: str = "last"  # or "mean" over the post's tokens
+    layer_decay: float = 1.0  # each block's LR is this times the one above's; 1.0: one LR for all
+    tapt_steps: int = 0  # next-token steps on the task's train texts before fine-tuning; 0: none
+    save: Path | None = None  # keep each task's classifier chosen on val there, for `tweetlm classify`
     device: str = "auto"  # "auto": cuda when there is one
 
     def __post_init__(self):
@@ -113,6 +122,11 @@ class TweetEvalConfig:
         check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         check(self.lr > 0, "lr", self.lr, "must be positive")
+        check(self.pooling in POOLINGS, "pooling", self.pooling, f"choose {' or '.join(POOLINGS)}")
+        check(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]; 1.0 is one LR for all")
+        check(self.tapt_steps >= 0, "tapt_steps", self.tapt_steps, "must be at least 0 (0: none)")
+        check(self.save is None or self.run is not None, "save", str(self.save),
+              "keeps a fine-tuned run's classifiers: give a RUN folder")
 
 
 def tweeteval(cfg: TweetEvalConfig) -> dict:
@@ -125,8 +139,12 @@ def tweeteval(cfg: TweetEvalConfig) -> dict:
     name = Path(cfg.run).resolve().name
     if name == "tfidf":
         raise UserError(f"{cfg.run}: a run folder named tfidf would share the floor baseline's row; rename it")
-    predict = finetuner(cfg.run, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
-    return evaluate(cfg, {name: predict, "tfidf": tfidf_baseline})
+    predict = finetuner(cfg.run, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, pooling=cfg.pooling,
+                        layer_decay=cfg.layer_decay, tapt_steps=cfg.tapt_steps, save=cfg.save, device=cfg.device)
+    result = evaluate(cfg, {name: predict, "tfidf": tfidf_baseline})
+    if cfg.save is not None:
+        print(f"classifiers: {cfg.save}  (tweetlm classify {cfg.save} --task TASK TEXT...)")
+    return result
 
 
 def evaluate(cfg: TweetEvalConfig, predictors: dict[str, Predictor]) -> dict:

@@ -19,6 +19,7 @@ from tweetlm.cli import main
 from tweetlm.data.corpus import SPLITS
 from tweetlm.data.dedup import MinHashBands
 from tweetlm.data.prepare import PrepareConfig, prepare
+from tweetlm.data import ray_prepare
 from tweetlm.data.ray_prepare import _mark
 from tweetlm.tokenizer.shards import TokenizeConfig, tokenize
 
@@ -71,11 +72,13 @@ def test_shared_data_gives_the_local_corpus(cluster, tmp_path):
     assert len(list((tmp_path / "ray/train").glob("part-*.parquet"))) > 1  # one shard set per input file
 
 
-def test_duplicates_far_apart_across_files(cluster, tmp_path):
+def test_duplicates_far_apart_across_files(cluster, tmp_path, monkeypatch):
     """Exact and near copies of the first file's posts, 45,000 posts later in another file. The Ray path drops
     what LSH with unbounded memory drops (dedup.py's rule, on the posts past exact dedup in input order), so more
     than the local path's 1 MB index, which forgets posts ~15,000 back, and never a post without an earlier copy.
-    (Here even the default 128 MB index forgets one post of 42,000 that has an earlier near copy.)"""
+    (Here even the default 128 MB index forgets one post of 42,000 that has an earlier near copy.) The shuffle
+    is cut into 5 partitions (at most 10,000 posts' keys each), as a large input is, more than the cluster's CPUs."""
+    monkeypatch.setattr(ray_prepare, "PART_POSTS", 10_000)
     posts = (SHARED / "tweeteval/emotion/train_text.txt").read_text(encoding="utf-8").splitlines()[:400]
     filler = (SHARED / "tweeteval/emoji/train_text.txt").read_text(encoding="utf-8").splitlines()
     inputs = tmp_path / "in"

@@ -13,7 +13,8 @@ partitioned by hash), in four stages with a progress bar each (ray_cluster.py: a
    `fraction` of all authors is among the first k of the partitions, ranked again.
 3. dedup, one shuffle by key: each file sends, for each post past the author drop, (band, key, order) to
    partition key % P: band -1 with the text hash (exact), band b with the post's b-th MinHash band hash (near);
-   order = file index << 32 | row is the post's place in the input order. Each of P tasks sorts its partition
+   order = file index << 32 | row is the post's place in the input order (P here: the cluster's CPUs, or more so that
+   a partition holds at most PART_POSTS posts' keys). Each of P tasks sorts its partition
    and marks, in each group of equal (band, key), every post but the first in order.
 4. write, per file: drop its marked rows ("duplicate" if marked under band -1, else "near_duplicate") and write
    its Parquet shards, CORPUS/SPLIT/part-FFFFF-NNNNN.parquet: the file's index first, so the shards read in name
@@ -70,6 +71,7 @@ from tweetlm.data.readers import NON_POST, detect, post_files
 from tweetlm.errors import UserError
 
 _EXACT = -1  # the band of a text hash in the dedup shuffle
+PART_POSTS = 200_000  # posts per dedup partition at most: ~36 MB of keys with near dedup's 9 bands (18 B per key)
 
 
 def prepare_on_ray(cfg: PrepareConfig) -> dict:
@@ -114,6 +116,10 @@ def _run(ray, cfg: PrepareConfig, files: list[tuple[str, str | None]], out: str,
     if cfg.drop_top_authors:
         top = ray.put(_top_authors(ray, [r[2:] for r in refs], cfg.drop_top_authors))
 
+    # the shuffle's partitions: at least one per CPU, and no more than PART_POSTS posts' keys in one, so that a mark
+    # task's memory stays flat however large the input (the survivors: what stage 1 did not drop)
+    survivors = sum(r["read"] - sum(r["dropped"].values()) for r in results)
+    parts = max(parts, -(-survivors // PART_POSTS))
     keys = ray.remote(_dedup_keys).options(num_returns=parts)
     shuffled = [keys.remote(i, table, top, parts) for i, table in enumerate(tables)]
     shuffled = [s if parts > 1 else [s] for s in shuffled]

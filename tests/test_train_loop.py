@@ -120,11 +120,12 @@ def _latest_step(run: Path) -> int:
     return int(checkpoint.name.removeprefix("step-")) if checkpoint else -1
 
 
-def test_resume_after_kill_9_is_bit_exact(small_tokens, small_tokenizer, tmp_path):
+@pytest.mark.parametrize("shape", [(), ("--set=model.experts=4", "--set=model.experts_active=2")], ids=["dense", "moe"])
+def test_resume_after_kill_9_is_bit_exact(small_tokens, small_tokenizer, tmp_path, shape):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cli(small_tokens, small_tokenizer, straight), check=True, capture_output=True)
+    subprocess.run(_cli(small_tokens, small_tokenizer, straight, *shape), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_cli(small_tokens, small_tokenizer, killed, "--set=checkpoint.every=1"),
+    proc = subprocess.Popen(_cli(small_tokens, small_tokenizer, killed, *shape, "--set=checkpoint.every=1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while _latest_step(killed) < STEPS // 2 and proc.poll() is None:
         time.sleep(0.005)

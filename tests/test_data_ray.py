@@ -77,8 +77,10 @@ def test_duplicates_far_apart_across_files(cluster, tmp_path, monkeypatch):
     what LSH with unbounded memory drops (dedup.py's rule, on the posts past exact dedup in input order), so more
     than the local path's 1 MB index, which forgets posts ~15,000 back, and never a post without an earlier copy.
     (Here even the default 128 MB index forgets one post of 42,000 that has an earlier near copy.) The shuffle
-    is cut into 5 partitions (at most 10,000 posts' keys each), as a large input is, more than the cluster's CPUs."""
+    is cut into 5 partitions (at most 10,000 posts' keys each), as a large input is, more than the cluster's CPUs,
+    and fed by groups of files (10,000 posts each), as a large input's are."""
     monkeypatch.setattr(ray_prepare, "PART_POSTS", 10_000)
+    monkeypatch.setattr(ray_prepare, "GROUP_POSTS", 10_000)
     posts = (SHARED / "tweeteval/emotion/train_text.txt").read_text(encoding="utf-8").splitlines()[:400]
     filler = (SHARED / "tweeteval/emoji/train_text.txt").read_text(encoding="utf-8").splitlines()
     inputs = tmp_path / "in"

@@ -11,11 +11,11 @@ partitioned by hash), in four stages with a progress bar each (ray_cluster.py: a
    author counts cut into P partitions by author hash (P: the cluster's CPUs).
 2. authors (--drop-top-authors only), a group-by: P tasks each add up and rank one partition; the most prolific
    `fraction` of all authors is among the first k of the partitions, ranked again.
-3. dedup, one shuffle by key: each file sends, for each post past the author drop, (band, key, order) to
-   partition key % P: band -1 with the text hash (exact), band b with the post's b-th MinHash band hash (near);
-   order = file index << 32 | row is the post's place in the input order (P here: the cluster's CPUs, or more so that
-   a partition holds at most PART_POSTS posts' keys). Each of P tasks sorts its partition
-   and marks, in each group of equal (band, key), every post but the first in order.
+3. dedup, one shuffle by key: each group of consecutive files (GROUP_POSTS posts) sends, for each post past the
+   author drop, (band, key, order) to partition key % P: band -1 with the text hash (exact), band b with the post's
+   b-th MinHash band hash (near); order = file index << 32 | row is the post's place in the input order (P: the
+   cluster's CPUs, or more, so that a partition holds at most PART_POSTS posts' keys). Each of P tasks sorts its
+   partition and marks, in each group of equal (band, key), every post but the first in order.
 4. write, per file: drop its marked rows ("duplicate" if marked under band -1, else "near_duplicate") and write
    its Parquet shards, CORPUS/SPLIT/part-FFFFF-NNNNN.parquet: the file's index first, so the shards read in name
    order (as every reader does) hold the posts in the local path's order.
@@ -72,6 +72,10 @@ from tweetlm.errors import UserError
 
 _EXACT = -1  # the band of a text hash in the dedup shuffle
 PART_POSTS = 200_000  # posts per dedup partition at most: ~36 MB of keys with near dedup's 9 bands (18 B per key)
+# Posts whose keys one task emits (consecutive files together): each of its objects, one per partition, then
+# outweighs Ray's 100 KB limit for objects returned inline into the driver's memory and goes to the object store
+# (spilled to disk past its size) instead: emitted file by file, the whole shuffle passed through the driver.
+GROUP_POSTS = 100_000
 
 
 def prepare_on_ray(cfg: PrepareConfig) -> dict:
@@ -118,10 +122,10 @@ def _run(ray, cfg: PrepareConfig, files: list[tuple[str, str | None]], out: str,
 
     # the shuffle's partitions: at least one per CPU, and no more than PART_POSTS posts' keys in one, so that a mark
     # task's memory stays flat however large the input (the survivors: what stage 1 did not drop)
-    survivors = sum(r["read"] - sum(r["dropped"].values()) for r in results)
-    parts = max(parts, -(-survivors // PART_POSTS))
+    survivors = [r["read"] - sum(r["dropped"].values()) for r in results]
+    parts = max(parts, -(-sum(survivors) // PART_POSTS))
     keys = ray.remote(_dedup_keys).options(num_returns=parts)
-    shuffled = [keys.remote(i, table, top, parts) for i, table in enumerate(tables)]
+    shuffled = [keys.remote(start, top, parts, *tables[start:end]) for start, end in _groups(survivors, GROUP_POSTS)]
     shuffled = [s if parts > 1 else [s] for s in shuffled]
     mark = ray.remote(_mark).options(num_returns=1 + len(tables))
     marks = [mark.remote(len(tables), *(s[p] for s in shuffled)) for p in range(parts)]
@@ -207,18 +211,34 @@ def _head(ranked: list, k: int) -> list:
 # ---------------------------------------------------------------- stage 3: dedup, a shuffle by key
 
 
-def _dedup_keys(index: int, table: pa.Table, top: pa.Array | None, parts: int):
-    """(band int16[m], key uint64[m], order int64[m]) for each of `parts` partitions (module docstring, stage 3)."""
-    assert table.num_rows < 2**32, f"{table.num_rows} posts in one input file: split it (order packs rows in 32 bits)"
-    rows = np.arange(table.num_rows) if top is None else np.flatnonzero(~_top_author_rows(table, top))
-    order = (np.int64(index) << 32) | rows
-    band, key, orders = [np.full(len(rows), _EXACT, np.int16)], [table["hash"].to_numpy()[rows]], [order]
-    if "bands" in table.column_names:
-        n_bands = table.schema.field("bands").type.list_size
-        bands = table["bands"].combine_chunks().flatten().to_numpy().reshape(-1, n_bands)[rows]  # [n, bands]
-        band.append(np.tile(np.arange(n_bands, dtype=np.int16), len(rows)))
-        key.append(bands.ravel())
-        orders.append(np.repeat(order, n_bands))
+def _groups(sizes: list[int], posts: int) -> list[tuple[int, int]]:
+    """Consecutive files [start, end), each group closed once it holds `posts` posts (the last may hold fewer)."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        total += n
+        if total >= posts:
+            groups.append((start, i + 1))
+            start, total = i + 1, 0
+    return groups + [(start, len(sizes))] if start < len(sizes) else groups
+
+
+def _dedup_keys(first: int, top: pa.Array | None, parts: int, *tables: pa.Table):
+    """(band int16[m], key uint64[m], order int64[m]) for each of `parts` partitions (module docstring, stage 3), of
+    the files first, first + 1, ... whose survivors `tables` are."""
+    band, key, orders = [], [], []
+    for index, table in enumerate(tables, start=first):
+        assert table.num_rows < 2**32, f"{table.num_rows} posts in one input file: split it (order packs rows in 32 bits)"
+        rows = np.arange(table.num_rows) if top is None else np.flatnonzero(~_top_author_rows(table, top))
+        order = (np.int64(index) << 32) | rows
+        band.append(np.full(len(rows), _EXACT, np.int16))
+        key.append(table["hash"].to_numpy()[rows])
+        orders.append(order)
+        if "bands" in table.column_names:
+            n_bands = table.schema.field("bands").type.list_size
+            bands = table["bands"].combine_chunks().flatten().to_numpy().reshape(-1, n_bands)[rows]  # [n, bands]
+            band.append(np.tile(np.arange(n_bands, dtype=np.int16), len(rows)))
+            key.append(bands.ravel())
+            orders.append(np.repeat(order, n_bands))
     band, key, order = np.concatenate(band), np.concatenate(key), np.concatenate(orders)
     part = key % np.uint64(parts)
     by_part = np.argsort(part, kind="stable")
